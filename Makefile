@@ -1,0 +1,40 @@
+# difflora — developer commands. Everything installs into .venv/ (git-ignored).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test lint format serve tiny-assets bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: anything resolved before it would pull a multi-GB CUDA build (environment.md)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[faces,insightface,ray,service,dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup lint
+	$(BIN)/python -m pytest -q tests
+
+serve: setup
+	$(BIN)/difflora serve --preset tiny --host 127.0.0.1 --port 8000
+
+tiny-assets: setup
+	$(BIN)/difflora tiny pretrain --faces ../shared/data/faces --out assets/tiny/base
+
+bench: setup
+	$(BIN)/python bench/apply.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
