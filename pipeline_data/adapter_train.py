@@ -1,0 +1,168 @@
+"""Train one adapter on one identity's aligned crops (DreamBooth-style noise-prediction objective)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from weights.adapter import Adapter
+from weights.inject import inject_adapter, remove_adapter, trainable_parameters
+
+from .recipe import BuildConfig
+
+
+@dataclass
+class TrainResult:
+    """One identity's trained adapter and how training went."""
+
+    adapter: Adapter
+    losses: list[float] = field(default_factory=list)  # per-step training loss
+    seconds: float = 0.0
+
+    def loss_summary(self) -> dict[str, float]:
+        n = max(1, len(self.losses) // 10)
+        return {
+            "first": float(np.mean(self.losses[:n])),
+            "last": float(np.mean(self.losses[-n:])),
+            "min": float(np.min(self.losses)),
+            "steps": len(self.losses),
+        }
+
+
+def to_pixels(crops: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_latents(pipe, crops: np.ndarray, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """VAE latents of the crops (and of their mirror images), scaled like the pipeline expects."""
+    vae = pipe.vae
+    x = to_pixels(crops, vae.device).to(vae.dtype)
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    out = []
+    for chunk in x.split(16):
+        dist = vae.encode(chunk).latent_dist
+        out.append(dist.sample(generator=generator))
+    z = torch.cat(out).float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor  # (2N, C, h, w)
+
+
+@torch.no_grad()
+def unet_conditioning(pipe, prompt: str, batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """UNet keyword arguments for a prompt: SD 1.x text states, or SDXL's two encoders + added conditioning."""
+    device = pipe.unet.device
+    if hasattr(pipe, "text_encoder_2"):  # SDXL
+        emb, _, pooled, _ = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=emb.dtype, text_encoder_projection_dim=proj_dim
+        ).to(device)
+        return {
+            "encoder_hidden_states": emb.expand(batch, -1, -1),
+            "added_cond_kwargs": {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)},
+        }
+    emb, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": emb.expand(batch, -1, -1)}
+
+
+def _slice_cond(cond: dict, n: int) -> dict:
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"][:n]}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v[:n] for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+@torch.no_grad()
+def prior_latents(pipe, cfg: BuildConfig, height: int, width: int) -> torch.Tensor:
+    """Latents of base-model images of the class prompt (prior preservation), generated once per run."""
+    g = torch.Generator("cpu").manual_seed(cfg.seed + 1)
+    out = pipe(
+        [cfg.class_prompt] * cfg.prior_images,
+        height=height,
+        width=width,
+        num_inference_steps=cfg.check_steps,
+        guidance_scale=cfg.check_guidance,
+        generator=g,
+        output_type="latent",
+    ).images
+    return out.float()
+
+
+def train_identity(
+    pipe,
+    crops: np.ndarray,
+    cfg: BuildConfig,
+    *,
+    base_model: str,
+    prior: torch.Tensor | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Fit one adapter to ``crops`` ((N, H, W, 3) uint8 aligned faces) with the recipe's fixed seed and schedule.
+
+    The UNet is modified only for the duration of the call (wrapped, trained, unwrapped).
+    """
+    t0 = time.perf_counter()
+    unet = pipe.unet
+    device = unet.device
+    height, width = crops.shape[1:3]
+    g = torch.Generator("cpu").manual_seed(cfg.seed)
+    latents = encode_latents(pipe, crops, g)  # (2N, C, h, w)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    n_train = sched.config.num_train_timesteps
+    cond = unet_conditioning(pipe, cfg.caption, cfg.batch_size, height, width)
+    prior_cond = (
+        unet_conditioning(pipe, cfg.class_prompt, cfg.batch_size, height, width) if prior is not None else None
+    )
+
+    spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
+    params = trainable_parameters(unet)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, cfg.steps // 20)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
+    losses: list[float] = []
+    was_training = unet.training
+    unet.train()
+    try:
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(cfg.steps), disable=not progress, desc="adapter", leave=False):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_at(step)
+            bs = cfg.batch_size
+            idx = torch.randint(len(latents), (bs,), generator=g)
+            x0 = latents[idx].to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, n_train, (bs,), generator=g).to(device)
+            pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            if prior is not None and cfg.prior_weight > 0:
+                pidx = torch.randint(len(prior), (bs,), generator=g)
+                p0 = prior[pidx].to(device)
+                pn = torch.randn(p0.shape, generator=g).to(device)
+                pt = torch.randint(0, n_train, (bs,), generator=g).to(device)
+                ppred = unet(sched.add_noise(p0, pn, pt), pt, **_slice_cond(prior_cond, bs)).sample
+                loss = loss + cfg.prior_weight * F.mse_loss(ppred.float(), pn.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lv = float(loss.detach())
+            if not np.isfinite(lv):
+                raise FloatingPointError(f"training loss became {lv} at step {step}")
+            losses.append(lv)
+    finally:
+        adapter = remove_adapter(unet)
+        unet.train(was_training)
+    adapter.spec = spec
+    return TrainResult(adapter, losses, time.perf_counter() - t0)

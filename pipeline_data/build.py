@@ -1,0 +1,354 @@
+"""Build the identity-oriented adapter dataset: identity folders -> filtered photos -> one adapter each.
+
+Output layout (``out/``)::
+
+    adapters/<identity>.safetensors   native format (weights.formats.native), written atomically
+    records/<identity>.json           one record per finished identity (ok or skipped), written atomically
+    manifest.jsonl                    all records, sorted by identity, rewritten atomically after each one
+    config.json                       the BuildConfig (a different training recipe refuses to mix in)
+    check.json                        the identity check on a sample (see pipeline_data.check)
+
+Re-running skips identities whose record exists; a build killed at any moment leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from weights.safetensors_io import atomic_write_bytes
+
+from .recipe import BuildConfig
+from .splits import split_of
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
+
+
+@dataclass(frozen=True)
+class IdentitySource:
+    """One identity folder."""
+
+    dataset: str  # e.g. "lfw"
+    name: str  # folder name, e.g. "George_W_Bush"
+    path: str  # folder path
+
+    @property
+    def id(self) -> str:
+        return safe_id(f"{self.dataset}__{self.name}")
+
+
+def safe_id(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "identity"
+
+
+def _images_in(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
+    """Identity folders under each directory, sorted by id, duplicates removed.
+
+    A folder holding images is one identity. Otherwise each sub-folder holding images is an identity of the
+    dataset named after the folder (``lfw/<identity>/``), and each sub-folder without images is a dataset whose
+    own sub-folders are identities (``faces/<dataset>/<identity>/``).
+    """
+    found: dict[str, IdentitySource] = {}
+
+    def add(d: Path, dataset: str) -> None:
+        src = IdentitySource(dataset, d.name, str(d))
+        found.setdefault(src.id, src)
+
+    def subdirs(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_dir())
+
+    for root in map(Path, faces_dirs):
+        if not root.is_dir():
+            raise FileNotFoundError(f"faces directory not found: {root}")
+        if _images_in(root):
+            add(root, root.parent.name)
+            continue
+        for sub in subdirs(root):
+            if _images_in(sub):
+                add(sub, root.name)
+            else:
+                for ident in subdirs(sub):
+                    if _images_in(ident):
+                        add(ident, sub.name)
+    return [found[k] for k in sorted(found)]
+
+
+def _floats(v: np.ndarray) -> list[float]:
+    return [round(float(x), 6) for x in v]
+
+
+def _rank(identity: str, name: str) -> str:
+    return hashlib.sha1(f"{identity}/{name}".encode()).hexdigest()
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
+
+
+def crop_face(encoder, rgb: np.ndarray, face, size: int, padding: float) -> np.ndarray:
+    """Aligned crop as the tiny base was trained on: a 2x dlib chip box-filtered down to ``size``."""
+    from PIL import Image
+
+    chip = encoder.align(rgb, face, size=size * 2, padding=padding)
+    return np.asarray(Image.fromarray(chip).resize((size, size), Image.BOX))
+
+
+def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) -> dict:
+    """Decode + embed the photos, drop inconsistent ones, reserve held-out photos, crop the rest.
+
+    Returns a record (``status`` "ok" or "skipped" with a ``reason``); "ok" records carry ``_crops`` (train) and
+    ``_heldout_crops`` arrays that the caller strips before writing.
+    """
+    from .faces.identity import build_identity
+
+    paths = _images_in(Path(src.path))[: cfg.max_photos]
+    rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": src.path}
+    rec["split"] = split_of(src.dataset, src.name)
+    if len(paths) < cfg.min_photos:
+        return {**rec, "status": "skipped", "reason": f"{len(paths)} photos < min_photos {cfg.min_photos}"}
+    rgbs, results = [], []
+    for p in paths:
+        try:
+            rgb = encoder.load_rgb(str(p))
+            rgbs.append(rgb)
+            results.append(encoder.embed(rgb))
+        except Exception as e:  # noqa: BLE001 - every per-photo failure is reported with its reason
+            rgbs.append(None)
+            results.append(e)
+    ident = build_identity(encoder, [str(p) for p in paths], names=[p.name for p in paths], results=results)
+    rec["rejected"] = [
+        {"photo": r.name, "reason": r.reason if r.outlier else f"{r.error_code}: {r.error}"}
+        for r in ident.photos
+        if not r.ok or r.outlier
+    ]
+    inliers = ident.inliers
+    rec["consistency"] = float(ident.consistency)
+    if len(inliers) < cfg.min_photos:
+        return {**rec, "status": "skipped", "reason": f"{len(inliers)} usable photos < min_photos {cfg.min_photos}"}
+    n_held = 2 if len(paths) >= 8 else 1
+    order = sorted(inliers, key=lambda i: _rank(src.id, paths[i].name))
+    held, train = sorted(order[:n_held]), sorted(order[n_held:])
+    crops = {i: crop_face(encoder, rgbs[i], ident.photos[i].result.face, size, cfg.crop_padding) for i in inliers}
+    emb = {i: ident.photos[i].result.embedding for i in inliers}
+    rec.update(
+        status="ok",
+        photos_used=[paths[i].name for i in train],
+        heldout=[paths[i].name for i in held],
+        embeddings=[_floats(emb[i]) for i in train],
+        heldout_embeddings=[_floats(emb[i]) for i in held],
+        # the identity check embeds generated crops as whole images: embed the held-out crops the same way
+        heldout_crop_embeddings=[_floats(e) for e in encoder.embed_images_as_faces([crops[i] for i in held])],
+        identity_embedding=_floats(np.mean([emb[i] for i in train], axis=0)),
+        _crops=np.stack([crops[i] for i in train]),
+        _heldout_crops=np.stack([crops[i] for i in held]),
+    )
+    return rec
+
+
+# ---- per-process state ------------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _worker_state(cfg: BuildConfig):
+    """Pipeline and face encoder, loaded once per process (and per Ray worker)."""
+    key = (cfg.base, cfg.device, cfg.face_backend)
+    if _STATE.get("key") != key:
+        import torch
+
+        from .faces import get_encoder
+        from .models import load_pipeline
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        pipe = load_pipeline(cfg.base, device=cfg.device, dtype=torch.float32)
+        _STATE.update(key=key, pipe=pipe, encoder=get_encoder(cfg.face_backend), prior=None)
+        if cfg.prior_weight > 0:
+            from .adapter_train import prior_latents
+
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            _STATE["prior"] = prior_latents(pipe, cfg, size, size)
+    return _STATE["pipe"], _STATE["encoder"], _STATE["prior"]
+
+
+def base_model_id(base: str) -> str:
+    return base if "/" not in base and os.sep not in base else Path(base).name
+
+
+def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
+    """Prepare, train and write one identity (the unit of work, local or as a Ray task). Returns its record."""
+    from weights.formats.native import save_native
+
+    from .adapter_train import train_identity
+
+    cfg = BuildConfig.from_dict(cfg_dict)
+    out = Path(out_dir)
+    pipe, encoder, prior = _worker_state(cfg)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    t0 = time.perf_counter()
+    rec = prepare_identity(src, cfg, encoder, size)
+    rec["seconds_prepare"] = round(time.perf_counter() - t0, 3)
+    if rec["status"] == "ok":
+        crops, held = rec.pop("_crops"), rec.pop("_heldout_crops")
+        del held  # held-out photos are never trained on; the check uses their embeddings
+        res = train_identity(pipe, crops, cfg, base_model=base_model_id(cfg.base), prior=prior)
+        path = out / "adapters" / f"{src.id}.safetensors"
+        save_native(res.adapter, path)
+        rec.update(
+            adapter=str(path.relative_to(out)),
+            spec_hash=res.adapter.spec.hash(),
+            loss=res.loss_summary(),
+            seconds_train=round(res.seconds, 3),
+        )
+    atomic_write_json(out / "records" / f"{src.id}.json", rec)
+    return rec
+
+
+# ---- the build ----------------------------------------------------------------------------------------------
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    recs = {}
+    for p in sorted((out / "records").glob("*.json")):
+        try:
+            recs[p.stem] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # unreadable record: the identity is redone
+    return recs
+
+
+def write_manifest(out: Path) -> int:
+    recs = read_records(out)
+    lines = [json.dumps(recs[k], sort_keys=True) for k in sorted(recs)]
+    atomic_write_bytes(out / "manifest.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    return len(lines)
+
+
+def _check_config(out: Path, cfg: BuildConfig) -> None:
+    path = out / "config.json"
+    if path.exists():
+        old = BuildConfig.from_dict(json.loads(path.read_text()))
+        if old.training_dict() != cfg.training_dict():
+            diff = sorted(k for k, v in cfg.training_dict().items() if old.training_dict().get(k) != v)
+            raise ValueError(f"{out} was built with another recipe (differs in: {', '.join(diff)}); use a new --out")
+    atomic_write_json(path, json.loads(cfg.to_json()))
+
+
+def build(
+    faces_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    *,
+    limit: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """Build (or resume) the dataset; returns a summary with counts, failures and seconds per identity."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    _check_config(out, cfg)
+    sources = discover(faces_dirs)
+    if limit is not None:
+        sources = sources[:limit]
+    done = read_records(out)
+    todo = [s for s in sources if s.id not in done or not _complete(out, done[s.id])]
+    failures: dict[str, str] = {}
+    bar = tqdm(
+        total=len(sources), initial=len(sources) - len(todo), desc="identities", unit="id", disable=not progress
+    )
+    cfg_dict = json.loads(cfg.to_json())
+
+    def finished(rec: dict) -> None:
+        done[rec["identity"]] = rec
+        write_manifest(out)
+        if on_record:
+            on_record(rec)
+        bar.update(1)
+        bar.set_postfix(failed=len(failures), skipped=sum(r["status"] != "ok" for r in done.values()))
+
+    t0 = time.perf_counter()
+    if ray_address:
+        from .ray_build import run_on_ray
+
+        run_on_ray(todo, cfg_dict, str(out), ray_address, finished, failures)
+    else:
+        for src in todo:
+            try:
+                finished(run_identity(src, cfg_dict, str(out)))
+            except Exception as e:  # noqa: BLE001 - one bad identity must not stop the build; it is retried next run
+                failures[src.id] = f"{type(e).__name__}: {e}"
+                bar.update(1)
+    bar.close()
+    write_manifest(out)
+    recs = [done[s.id] for s in sources if s.id in done]
+    ok = [r for r in recs if r["status"] == "ok"]
+    secs = [r.get("seconds_prepare", 0) + r.get("seconds_train", 0) for r in ok]
+    return {
+        "identities": len(sources),
+        "ok": len(ok),
+        "skipped": {r["identity"]: r["reason"] for r in recs if r["status"] != "ok"},
+        "failed": failures,
+        "seconds_per_identity": float(np.mean(secs)) if secs else None,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _complete(out: Path, rec: dict) -> bool:
+    return rec.get("status") != "ok" or (out / rec.get("adapter", "")).is_file()
+
+
+def load_dataset_adapters(out_dir: str | Path, ids: Sequence[str] | None = None) -> dict:
+    """``{identity: Adapter}`` for the ok records (optionally only ``ids``)."""
+    from weights.formats.native import load_native
+
+    out = Path(out_dir)
+    recs = read_records(out)
+    keep = [k for k, r in recs.items() if r["status"] == "ok" and (ids is None or k in ids)]
+    return {k: load_native(out / recs[k]["adapter"]) for k in sorted(keep)}
+
+
+def run_check(out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int | None = None) -> dict:
+    """Identity check on (a deterministic sample of) the dataset; writes ``check.json`` and the figures into the
+    sampled identities' records (so weak adapters can be filtered out of the hypernet's training data)."""
+    out = Path(out_dir)
+    if cfg is None:
+        cfg = BuildConfig.from_dict(json.loads((out / "config.json").read_text()))
+    n = cfg.check_identities if limit is None else limit
+    recs = {k: r for k, r in read_records(out).items() if r["status"] == "ok"}
+    ids = sorted(recs, key=lambda k: _rank("check", k))[:n] if n else sorted(recs)
+    if len(ids) < 2:
+        raise ValueError(f"{out}: the identity check needs at least 2 finished identities, found {len(ids)}")
+    from .check import identity_check
+
+    pipe, encoder, _ = _worker_state(cfg)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    adapters = load_dataset_adapters(out, ids)
+    heldout = {k: np.asarray(recs[k]["heldout_crop_embeddings"], dtype=np.float32) for k in ids}
+    t0 = time.perf_counter()
+    res = identity_check(
+        pipe, encoder, adapters, heldout, prompt=cfg.caption, seeds=list(range(cfg.check_seeds)),
+        steps=cfg.check_steps, guidance=cfg.check_guidance, size=size,
+    )  # fmt: skip
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    for k, fig in res["per_identity"].items():
+        rec = dict(recs[k], check=fig)
+        atomic_write_json(out / "records" / f"{k}.json", rec)
+    write_manifest(out)
+    atomic_write_json(out / "check.json", res)
+    return res

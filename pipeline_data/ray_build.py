@@ -1,0 +1,56 @@
+"""Fan the per-identity work out as Ray tasks (one per identity, retried on failure, one GPU each on GPU hosts)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from .build import IdentitySource, run_identity
+
+
+def _init(address: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def run_on_ray(
+    todo: list[IdentitySource],
+    cfg_dict: dict,
+    out_dir: str,
+    address: str,
+    finished: Callable[[dict], None],
+    failures: dict[str, str],
+    *,
+    max_retries: int = 2,
+) -> None:
+    """Run ``run_identity`` for every source on the cluster at ``address`` ("local", "auto" or "host:port").
+
+    The tasks write adapters and records into ``out_dir`` (a shared filesystem on a real cluster); the driver
+    rewrites the manifest as results come in. Tasks that still fail after ``max_retries`` are reported in
+    ``failures`` and redone by the next run.
+    """
+    import ray
+
+    _init(address)
+    use_gpu = cfg_dict.get("device", "cpu").startswith("cuda")
+    if not use_gpu and not cfg_dict.get("threads"):
+        cfg_dict = {**cfg_dict, "threads": 1}  # one task per CPU: don't oversubscribe with torch's thread pool
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=max_retries, retry_exceptions=True)(
+        run_identity
+    )
+    pending = {task.remote(src, cfg_dict, out_dir): src for src in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            src = pending.pop(ref)
+            try:
+                finished(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
+                failures[src.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"

@@ -1,0 +1,91 @@
+"""The data-build recipe: one dataclass, the same for every identity so all adapters share one weight space."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from weights.spec import AdapterSpec
+
+# Targets that give the adapter layers at every resolution of the UNet (attention, resnet convs, proj, ff):
+# attention-only rank-4 LoRAs carried almost no identity in the tiny-world probes (environment.md).
+FULL_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+]
+ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TARGET_PRESETS = {"full": FULL_TARGETS, "attn": ATTN_TARGETS}
+
+
+@dataclass
+class BuildConfig:
+    """Options of ``difflora data build`` (everything but the inputs/outputs)."""
+
+    base: str = "tiny"  # base-model preset name or a local diffusers folder
+    method: str = "lora"  # adapter method (weights.methods registry)
+    rank: int = 4  # adapter rank
+    alpha: float | None = None  # None -> alpha = rank (scale 1)
+    method_params: dict[str, Any] = field(default_factory=dict)  # method-specific hyper-parameters
+    targets: list[str] = field(default_factory=lambda: list(FULL_TARGETS))  # UNet module patterns
+    steps: int = 200  # optimisation steps per identity
+    lr: float = 5e-4  # AdamW learning rate
+    batch_size: int = 8  # images per step
+    seed: int = 0  # same seed for every identity (init, noise, batches)
+    caption: str = "a photo of sks person"  # DreamBooth caption with the identity token
+    class_prompt: str = "a photo of a person"  # prior-preservation prompt (and the base model's caption)
+    prior_weight: float = 0.0  # prior-preservation loss weight; 0 disables it
+    prior_images: int = 16  # base-model images generated for prior preservation
+    min_photos: int = 4  # minimum usable photos per identity (held-out included)
+    max_photos: int = 12  # at most this many photos per identity are read
+    face_backend: str = "dlib"  # faces backend used for filtering, crops and the identity check
+    crop_padding: float = 0.3  # aligned-crop padding (the tiny base was trained with 0.3)
+    device: str = "cpu"  # torch device for training
+    threads: int = 0  # torch threads per process (0: leave torch's default)
+    check_identities: int = 16  # identities sampled for the identity check run by the build (0: skip)
+    check_seeds: int = 8  # generations per adapter in the identity check
+    check_steps: int = 20  # DDIM steps of the identity check generations
+    check_guidance: float = 3.0  # CFG scale of the identity check generations
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("rank, steps and batch_size must be >= 1")
+        if self.min_photos < 2:
+            raise ValueError("min_photos must be >= 2 (one held out, one to train on)")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def adapter_spec(self, base_model: str) -> AdapterSpec:
+        return AdapterSpec(
+            method=self.method,
+            rank=self.rank,
+            alpha=self.alpha,
+            params=dict(self.method_params),
+            targets=list(self.targets),
+            base_model=base_model,
+        )
+
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that define how adapters are trained (hashed: a change means a new dataset)."""
+        skip = {"device", "threads", "check_identities", "check_seeds", "check_steps", "check_guidance"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def recipe_flags(self) -> dict[str, Any]:
+        """``difflora data build`` flag -> value (without --faces/--out/--base), for dataset_recipe.json."""
+        return {"--" + k.replace("_", "-"): v for k, v in self.training_dict().items() if k != "base"}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BuildConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

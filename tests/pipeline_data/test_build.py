@@ -1,0 +1,159 @@
+"""The adapter dataset build on the bundled tiny base: local, Ray, resume after a kill, bad folders, the check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_data.build import BuildConfig, build, discover, load_dataset_adapters, read_records
+from pipeline_data.models import TINY_BASE
+from weights.adapter import Adapter
+
+FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
+IDS = [FACES / "lfw" / "Aaron_Peirsol", FACES / "lfw" / "Abdullah_Gul", FACES / "orl" / "s1"]
+REPO = Path(__file__).resolve().parents[2]
+TIMING = ("seconds_prepare", "seconds_train")
+BASE = os.environ.get("DIFFLORA_TEST_BASE", str(TINY_BASE))  # the bundled tiny base unless overridden
+
+
+def cfg(**kw) -> BuildConfig:
+    base = dict(base=BASE, steps=12, batch_size=4, check_identities=0, threads=1)
+    return BuildConfig(**{**base, **kw})
+
+
+def comparable(out: Path) -> dict:
+    """Records without timings; adapters compared separately."""
+    return {k: {f: v for f, v in r.items() if f not in TIMING} for k, r in read_records(out).items()}
+
+
+def assert_same_dataset(a: Path, b: Path, atol: float = 1e-5) -> None:
+    ra, rb = comparable(a), comparable(b)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        la, lb = ra[k].pop("loss", None), rb[k].pop("loss", None)
+        assert ra[k] == rb[k], k
+        if la:
+            assert la["steps"] == lb["steps"] and abs(la["last"] - lb["last"]) < 1e-3
+    aa, ab = load_dataset_adapters(a), load_dataset_adapters(b)
+    assert aa.keys() == ab.keys() and aa
+    for k in aa:
+        for t in aa[k].tensors:
+            torch.testing.assert_close(aa[k].tensors[t], ab[k].tensors[t], atol=atol, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def local_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds") / "local"
+    summary = build([str(p) for p in IDS], out, cfg(), progress=False)
+    assert summary["ok"] == 3 and not summary["failed"], summary
+    return out
+
+
+def test_local_build_writes_adapters_and_manifest(local_build: Path) -> None:
+    lines = (local_build / "manifest.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["identity"] for r in recs] == sorted(["lfw__Aaron_Peirsol", "lfw__Abdullah_Gul", "orl__s1"])
+    for r in recs:
+        assert r["status"] == "ok" and r["split"] in ("train", "val", "eval")
+        n_photos = len(list(Path(r["source"]).iterdir()))
+        assert len(r["heldout"]) == (2 if n_photos >= 8 else 1)  # two held out where the folder has 8 or more
+        assert not set(r["heldout"]) & set(r["photos_used"])
+        assert len(r["embeddings"]) == len(r["photos_used"]) and len(r["identity_embedding"]) == 128
+        assert r["loss"]["steps"] == 12 and np.isfinite(r["loss"]["last"])
+        assert (local_build / r["adapter"]).is_file()
+    ad = load_dataset_adapters(local_build)
+    specs = {a.spec.hash() for a in ad.values()}
+    assert len(specs) == 1, "every identity must share one weight space (same spec)"
+    a: Adapter = next(iter(ad.values()))
+    assert a.spec.method == "lora" and any(".conv1" in lay.name for lay in a.spec.layers)
+    assert max(float(t.abs().max()) for k, t in a.tensors.items() if k.endswith("::B")) > 0  # it trained
+
+
+def test_rerun_skips_finished_identities(local_build: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (local_build / "adapters").iterdir()}
+    summary = build([str(p) for p in IDS], local_build, cfg(), progress=False)
+    assert summary["ok"] == 3
+    after = {p.name: p.stat().st_mtime_ns for p in (local_build / "adapters").iterdir()}
+    assert before == after
+
+
+def test_other_recipe_refuses_to_mix(local_build: Path) -> None:
+    with pytest.raises(ValueError, match="another recipe"):
+        build([str(p) for p in IDS], local_build, cfg(rank=8), progress=False)
+
+
+def test_ray_build_equals_local(local_build: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = build([str(p) for p in IDS], tmp_path / "ray", cfg(), ray_address="local", progress=False)
+    finally:
+        ray.shutdown()
+    assert summary["ok"] == 3 and not summary["failed"]
+    assert_same_dataset(local_build, tmp_path / "ray")
+
+
+def test_killed_build_resumes_to_same_result(local_build: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    c = cfg()
+    argv = [sys.executable, "-m", "service.cli", "data", "build", "--faces", *map(str, IDS), "--out", str(out),
+            "--base", c.base, "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--threads", "1",
+            "--check-identities", "0"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "records").glob("*.json")):
+            time.sleep(0.2)
+        assert list((out / "records").glob("*.json")), "the build never finished an identity"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert len(read_records(out)) < 3
+    leftovers = [p for p in out.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))]
+    assert not leftovers, leftovers
+    summary = build([str(p) for p in IDS], out, c, progress=False)
+    assert summary["ok"] == 3
+    assert_same_dataset(local_build, out)
+
+
+def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
+    from PIL import Image
+
+    noface = tmp_path / "bad" / "noface"
+    noface.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(noface / f"{i}.png")
+    (noface / "text.jpg").write_bytes(b"this is not an image")
+    one = tmp_path / "bad" / "onephoto"
+    one.mkdir()
+    shutil.copy(FACES / "photos" / "obama.jpg", one / "a.jpg")
+    mixed = tmp_path / "bad" / "mixed"
+    mixed.mkdir()
+    for i, name in enumerate(["obama.jpg", "obama2.jpg", "alex-lacamoire.png", "alex_lacamoire1.jpg"]):
+        src = FACES / "photos" / name
+        if src.exists():
+            shutil.copy(src, mixed / f"{i}{src.suffix}")
+    assert len(discover([tmp_path / "bad"])) == 3
+    summary = build([tmp_path / "bad"], tmp_path / "out", cfg(), progress=False)
+    assert summary["ok"] == 0 and not summary["failed"], summary
+    reasons = summary["skipped"]
+    assert "usable photos" in reasons["bad__noface"]
+    assert "min_photos" in reasons["bad__onephoto"]
+    assert "usable photos" in reasons["bad__mixed"]
+    rec = read_records(tmp_path / "out")["bad__noface"]
+    assert any("text.jpg" == r["photo"] for r in rec["rejected"])
