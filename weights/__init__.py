@@ -1,1 +1,53 @@
-"""difflora: weights."""
+"""difflora weights: adapter specs and math, merge/restore into live models, file formats, tokens.
+
+Small functional API; submodules are imported on first use so ``import weights`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {  # public name -> submodule
+    "Adapter": "adapter",
+    "AdapterError": "errors",
+    "AdapterFileError": "errors",
+    "AdapterMismatchError": "errors",
+    "AdapterSpec": "spec",
+    "ApplyState": "apply",
+    "ConversionReport": "convert",
+    "LayerInfo": "spec",
+    "NonFiniteWeightsError": "errors",
+    "StaleStateError": "errors",
+    "TokenLayout": "tokens",
+    "TokenStats": "tokens",
+    "adapter_to_tokens": "tokens",
+    "apply_adapter": "apply",
+    "canonicalize_lora": "convert",
+    "detect_format": "io",
+    "load_adapter": "io",
+    "load_any": "io",
+    "restore": "apply",
+    "save_adapter": "io",
+    "split_template": "tokens",
+    "to_diffusers": "formats.diffusers",
+    "to_kohya": "formats.kohya",
+    "to_lora": "convert",
+    "tokens_to_adapter": "tokens",
+    "validate_adapter": "io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'weights' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

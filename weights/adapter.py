@@ -48,7 +48,11 @@ class Adapter:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Adapter:
-        return Adapter(self.spec, {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()})
+        """Move/cast; ``dtype`` applies to floating tensors only (LoLDU's int64 ``perm`` stays an index)."""
+        return Adapter(
+            self.spec,
+            {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
+        )
 
     def num_params(self) -> int:
         return sum(v.numel() for v in self.tensors.values())

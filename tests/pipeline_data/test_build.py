@@ -27,7 +27,7 @@ BASE = os.environ.get("DIFFLORA_TEST_BASE", str(TINY_BASE))  # the bundled tiny 
 
 
 def cfg(**kw) -> BuildConfig:
-    base = dict(base=BASE, steps=12, batch_size=4, check_identities=0, threads=1)
+    base = {"base": BASE, "steps": 12, "batch_size": 4, "check_identities": 0, "threads": 1}
     return BuildConfig(**{**base, **kw})
 
 

@@ -13,11 +13,17 @@ on their (m, n*kh*kw) matrix view unless a method says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+# The layer's own op with its hyper-parameters bound: (x, weight, bias) -> y. F.linear for Linear, the layer's
+# conv (stride, padding, dilation) for Conv2d. Used by the training-time wrapper (weights.inject).
+LayerOp = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,12 @@ class AdapterMethod:
 
     name: ClassVar[str] = ""
     trainable: ClassVar[tuple[str, ...]] = ()  # names of trainable tensors in the layer params
+    frozen: ClassVar[tuple[str, ...]] = ()  # names of frozen tensors derived from W (rebuilt by init_layer)
     supports_conv: ClassVar[bool] = False  # may target Conv2d (via the matrix view)
     zero_init: ClassVar[bool] = True  # ΔW == 0 right after init_layer
     multiplicative: ClassVar[bool] = False  # effective weight depends on W beyond W + ΔW(params)
     has_bias_delta: ClassVar[bool] = False  # also changes the layer bias when merged (ARC)
+    conv_1x1_only: ClassVar[bool] = False  # with supports_conv: only 1x1 kernels (math exact only there)
 
     # ---- per-layer pure functions -------------------------------------------------------------------
     def init_layer(self, W: Tensor, cfg: MethodConfig, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -70,3 +78,61 @@ class AdapterMethod:
 
     def shared_trainable(self) -> tuple[str, ...]:
         return ()
+
+    # ---- checks and training-time forward ------------------------------------------------------------
+    def check_shape(self, shape: tuple[int, ...], cfg: MethodConfig) -> None:
+        """Raise ValueError if this method cannot adapt a weight of this shape."""
+        if len(shape) not in (2, 4):
+            raise ValueError(f"{self.name}: weight shape {tuple(shape)} is neither Linear (2-D) nor Conv2d (4-D)")
+        if len(shape) == 4:
+            if not self.supports_conv:
+                raise ValueError(f"{self.name}: Conv2d weights {tuple(shape)} are not supported")
+            if self.conv_1x1_only and tuple(shape[2:]) != (1, 1):
+                raise ValueError(f"{self.name}: only 1x1 Conv2d is supported, got kernel {tuple(shape[2:])}")
+
+    def forward(
+        self, x: Tensor, W: Tensor, b: Tensor | None, p: dict[str, Tensor], cfg: MethodConfig, op: LayerOp
+    ) -> Tensor:
+        """Adapted layer output. Default: the layer op with the merged weight W + ΔW and bias b + Δb."""
+        Wp = W + self.delta(W, p, cfg)
+        db = self.bias_delta(W, p, cfg)
+        if db is not None:
+            b = db if b is None else b + db
+        return op(x, Wp, b)
+
+
+# ---- helpers shared by the method files --------------------------------------------------------------
+def as_matrix(W: Tensor) -> Tensor:
+    """(m, n[, kh, kw]) -> fp32 (m, n*kh*kw) matrix view."""
+    return W.detach().reshape(W.shape[0], -1).float()
+
+
+def like(dW: Tensor, W: Tensor) -> Tensor:
+    """fp32 (m, n_flat) ΔW -> W's shape and dtype."""
+    return dW.reshape(W.shape).to(W.dtype)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device=None) -> Tensor:
+    """N(0, 1) sampled on the generator's device (a CPU generator works for CUDA weights), then moved."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device)
+
+
+def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device=None) -> Tensor:
+    """kaiming_uniform_(a=sqrt(5)) as nn.Linear / peft LoRA A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in=shape[1]."""
+    gdev = generator.device if generator is not None else device
+    bound = 1.0 / shape[1] ** 0.5
+    return ((torch.rand(shape, generator=generator, device=gdev) * 2 - 1) * bound).to(device)
+
+
+def lowrank_forward(x: Tensor, W: Tensor, b: Tensor | None, down: Tensor, up: Tensor, op: LayerOp) -> Tensor:
+    """op(x, W, b) + up @ down @ x without materialising ΔW; down (r, n_flat), up (m, r).
+
+    For Conv2d the down projection runs as a conv with W's kernel (r, n, kh, kw) and the up as a 1x1 conv.
+    """
+    y = op(x, W, b)
+    down, up = down.to(x.dtype), up.to(x.dtype)
+    if W.dim() == 2:
+        return y + F.linear(F.linear(x, down), up)  # (..., r) -> (..., m)
+    h = op(x, down.reshape(down.shape[0], *W.shape[1:]), None)  # (B, r, H', W')
+    return y + F.conv2d(h, up[:, :, None, None])  # (B, m, H', W')
