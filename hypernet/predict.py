@@ -1,0 +1,175 @@
+"""Zero-shot personalization: face embeddings -> a predicted adapter for the base model (the serving path).
+
+A predictor directory holds the hypernetwork checkpoint (``config.json``, ``ema.safetensors``, see
+:mod:`hypernet.checkpoint`) plus what turns its tokens back into an adapter:
+
+* ``adapter_layout.json`` — the adapter spec, the token layout and the face backend of the condition embeddings;
+* ``adapter_template.safetensors`` — the frozen tensors shared by every identity (SVFit's U/V, LoLDU's LU
+  factors, ...; empty for LoRA), in the native adapter format;
+* ``dataset_recipe.json`` — the ``difflora data build`` options of the dataset it was trained on.
+
+No optimiser or training imports here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from weights.adapter import Adapter
+from weights.spec import AdapterSpec
+from weights.tokens import TokenLayout, adapter_to_tokens, split_template, tokens_to_adapter
+
+from .sample import Hypernet
+
+LAYOUT_NAME = "adapter_layout.json"
+TEMPLATE_NAME = "adapter_template.safetensors"
+RECIPE_NAME = "dataset_recipe.json"
+
+
+def save_adapter_meta(
+    directory: str | Path, layout: TokenLayout, spec: AdapterSpec, template: Adapter, face_backend: str
+) -> None:
+    """Write the layout/spec and the frozen-tensor template next to a hypernetwork checkpoint (atomically)."""
+    from weights.formats.native import save_native
+    from weights.safetensors_io import atomic_write_bytes
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {"spec": spec.to_dict(), "layout": layout.to_dict(), "face_backend": face_backend}
+    atomic_write_bytes(d / LAYOUT_NAME, json.dumps(meta, sort_keys=True).encode())
+    save_native(template, d / TEMPLATE_NAME)
+
+
+class Predictor:
+    """``predict(embeddings) -> Adapter``: one identity's photos (their face embeddings) to its adapter."""
+
+    def __init__(
+        self,
+        hypernet: Hypernet,
+        layout: TokenLayout,
+        spec: AdapterSpec,
+        template: Adapter,
+        *,
+        face_backend: str = "dlib",
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        trained: bool = True,
+    ) -> None:
+        if layout.spec_hash != spec.hash():
+            raise ValueError("the adapter spec does not match the token layout")
+        T, D = hypernet.config.autoencoder.num_tokens, hypernet.config.autoencoder.token_dim
+        if (T, D) != (layout.num_tokens, layout.token_dim):
+            raise ValueError(f"hypernet makes ({T}, {D}) tokens, the layout needs ({layout.num_tokens}, {D})")
+        self.hypernet, self.layout, self.spec, self.template = hypernet, layout, spec, template
+        self.face_backend, self.steps, self.cfg_scale, self.trained = face_backend, steps, cfg_scale, trained
+
+    @property
+    def cond_dim(self) -> int:
+        return self.hypernet.config.denoiser.cond_dim
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu", **kw) -> Predictor:
+        """A trained predictor from a checkpoint directory (clear errors for missing files)."""
+        from weights.formats.native import load_native
+
+        d = Path(directory)
+        for name in ("config.json", LAYOUT_NAME, TEMPLATE_NAME):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d} is not a hypernetwork checkpoint: {name} is missing")
+        meta = json.loads((d / LAYOUT_NAME).read_text())
+        spec = AdapterSpec.from_dict(meta["spec"])
+        layout = TokenLayout.from_dict(meta["layout"])
+        template = load_native(d / TEMPLATE_NAME)
+        template = Adapter(spec, template.tensors)
+        return cls(Hypernet.load(d, device), layout, spec, template, face_backend=meta.get("face_backend", "dlib"), **kw)
+
+    @classmethod
+    def untrained(
+        cls,
+        pipe,
+        recipe=None,
+        *,
+        preset: str = "tiny",
+        token_dim: int = 64,
+        cond_dim: int = 128,
+        face_backend: str = "dlib",
+        seed: int = 0,
+    ) -> Predictor:
+        """A real hypernetwork with fresh weights whose token statistics pin every prediction to the method's
+        initial adapter (ΔW = 0 for zero-init methods): the service works before a checkpoint exists."""
+        from pipeline_data.recipe import BuildConfig
+        from weights.inject import inject_adapter, remove_adapter
+
+        from .config import PRESETS
+        from .model import HypernetModel
+
+        recipe = recipe or BuildConfig()
+        spec = recipe.adapter_spec(getattr(pipe, "_difflora_base_id", "") or "tiny")
+        inject_adapter(pipe.unet, spec, generator=torch.Generator().manual_seed(seed))
+        init = remove_adapter(pipe.unet)
+        trainable, template = split_template(init)
+        layout = TokenLayout.from_adapter(init, token_dim)
+        cfg = PRESETS[preset]().for_data(layout.num_tokens, token_dim, len(layout.groups), cond_dim)
+        model = HypernetModel(cfg)
+        raw = adapter_to_tokens(init, layout)  # (T, D) the init adapter, canonicalised
+        model.set_layout(layout.layer_ids, layout.mask)
+        model.set_token_stats(raw, torch.zeros_like(raw), torch.ones(()))
+        return cls(Hypernet(model), layout, init.spec, template, face_backend=face_backend, trained=False)
+
+    def save(self, directory: str | Path) -> None:
+        """Write a self-contained predictor directory (hypernet config + EMA weights + adapter layout/template)."""
+        from .checkpoint import EMA_NAME, atomic_save_tensors, save_config, state_to_tensors
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_config(self.hypernet.config, d)
+        atomic_save_tensors(state_to_tensors(self.hypernet.model.state_dict()), d / EMA_NAME)
+        save_adapter_meta(d, self.layout, self.spec, self.template, self.face_backend)
+
+    # ---- prediction -------------------------------------------------------------------------------------------
+    def _cond(self, emb: np.ndarray | Tensor | Sequence) -> Tensor:
+        c = torch.as_tensor(np.asarray(emb, dtype=np.float32))
+        if c.ndim == 1:
+            c = c[None]
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] != self.cond_dim:
+            raise ValueError(
+                f"face embeddings must be (photos, {self.cond_dim}) from the {self.face_backend!r} backend, "
+                f"got {tuple(c.shape)}"
+            )
+        if not torch.isfinite(c).all():
+            raise ValueError("face embeddings contain NaN or inf")
+        return c
+
+    def predict_batch(
+        self, identities: Sequence[np.ndarray | Tensor], *, seed: int = 0, steps: int | None = None,
+        cfg_scale: float | None = None,
+    ) -> list[Adapter]:  # fmt: skip
+        """One adapter per identity (each a (P_i, E) array of its photos' embeddings), sampled as one batch."""
+        conds = [self._cond(e) for e in identities]
+        toks = self.hypernet.predict_tokens(
+            conds, steps=steps or self.steps, cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, seed=seed
+        )  # (B, T, D)
+        return [tokens_to_adapter(t, self.layout, self.spec, self.template) for t in toks]
+
+    def predict(self, embeddings: np.ndarray | Tensor, **kw) -> Adapter:
+        """The adapter of one identity from its photos' face embeddings ((P, E) or (E,))."""
+        return self.predict_batch([embeddings], **kw)[0]
+
+    def predict_photos(self, photos: Sequence, encoder=None, **kw) -> tuple[Adapter, dict]:
+        """Photos (paths, bytes or RGB arrays) -> (adapter, identity report). Outlier photos are left out."""
+        from pipeline_data.faces import get_encoder
+        from pipeline_data.faces.identity import build_identity
+
+        encoder = encoder or get_encoder(self.face_backend)
+        ident = build_identity(encoder, list(photos))
+        if ident.embedding is None:
+            raise ValueError("no usable face in the photos")
+        embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
+        return self.predict(embs, **kw), ident.to_dict(embedding=False)

@@ -1,0 +1,76 @@
+"""The serving-path predictor: embeddings -> adapter, on a real tiny diffusers pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hypernet.predict import Predictor
+from pipeline_data.recipe import BuildConfig
+from tests.utils.tiny_pipes import tiny_sd15_pipe
+from weights.apply import apply_adapter, restore
+from weights.methods import get_method, method_config
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd15_pipe()
+
+
+def max_delta(pipe, adapter) -> float:
+    m, cfg = get_method(adapter.spec.method), method_config(adapter.spec)
+    return max(
+        float(m.delta(pipe.unet.get_submodule(lay.name).weight, adapter.layer_params(lay.name), cfg).abs().max())
+        for lay in adapter.spec.layers
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "svfit", "loldu", "dora"])
+def test_untrained_predictor_is_a_noop(pipe, method: str) -> None:
+    p = Predictor.untrained(pipe, BuildConfig(method=method, targets=["to_q", "to_k", "to_v", "to_out.0"]))
+    a = p.predict(np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32), steps=4)
+    assert a.spec.method == method and len(a.spec.layers) > 0
+    assert max_delta(pipe, a) < 1e-6
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    state = apply_adapter(pipe.unet, a)
+    restore(pipe.unet, state)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_predictor_save_load_roundtrip_and_batching(pipe, tmp_path) -> None:
+    p = Predictor.untrained(pipe)
+    # give the (fresh) hypernet a non-trivial output so the round trip is meaningful
+    p.hypernet.model.token_std.fill_(0.01)
+    emb = [np.random.default_rng(i).normal(size=(i + 1, 128)).astype(np.float32) for i in range(3)]
+    a = p.predict_batch(emb, seed=3, steps=4)
+    p.save(tmp_path / "ckpt")
+    q = Predictor.load(tmp_path / "ckpt")
+    b = q.predict_batch(emb, seed=3, steps=4)
+    for x, y in zip(a, b):
+        assert x.tensors.keys() == y.tensors.keys()
+        for k in x.tensors:
+            torch.testing.assert_close(x.tensors[k], y.tensors[k])
+    single = q.predict(emb[1], seed=3, steps=4)
+    for k in single.tensors:
+        torch.testing.assert_close(single.tensors[k], b[1].tensors[k], atol=1e-5, rtol=1e-4)
+    assert max_delta(pipe, b[0]) > 0
+
+
+@pytest.mark.parametrize(
+    "emb, match",
+    [
+        (np.zeros((2, 512), np.float32), "face embeddings must be"),
+        (np.full((2, 128), np.nan, np.float32), "NaN"),
+        (np.zeros((0, 128), np.float32), "face embeddings must be"),
+    ],
+)
+def test_bad_embeddings_are_refused(pipe, emb, match: str) -> None:
+    p = Predictor.untrained(pipe, BuildConfig(targets=["to_q"]))
+    with pytest.raises(ValueError, match=match):
+        p.predict(emb)
+
+
+def test_missing_checkpoint_files_name_the_directory(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a hypernetwork checkpoint"):
+        Predictor.load(tmp_path)
