@@ -88,7 +88,8 @@ class Predictor:
         layout = TokenLayout.from_dict(meta["layout"])
         template = load_native(d / TEMPLATE_NAME)
         template = Adapter(spec, template.tensors)
-        return cls(Hypernet.load(d, device), layout, spec, template, face_backend=meta.get("face_backend", "dlib"), **kw)
+        backend = meta.get("face_backend", "dlib")
+        return cls(Hypernet.load(d, device), layout, spec, template, face_backend=backend, **kw)
 
     @classmethod
     def untrained(
