@@ -16,19 +16,15 @@ import pytest
 import torch
 
 from pipeline_data.build import BuildConfig, build, discover, load_dataset_adapters, read_records
-from pipeline_data.models import TINY_BASE
+from tests.utils.datasets import DATASET_IDS, FACES, REPO, build_config
 from weights.adapter import Adapter
 
-FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
-IDS = [FACES / "lfw" / "Aaron_Peirsol", FACES / "lfw" / "Abdullah_Gul", FACES / "orl" / "s1"]
-REPO = Path(__file__).resolve().parents[2]
+IDS = DATASET_IDS
 TIMING = ("seconds_prepare", "seconds_train")
-BASE = os.environ.get("DIFFLORA_TEST_BASE", str(TINY_BASE))  # the bundled tiny base unless overridden
 
 
 def cfg(**kw) -> BuildConfig:
-    base = {"base": BASE, "steps": 12, "batch_size": 4, "check_identities": 0, "threads": 1}
-    return BuildConfig(**{**base, **kw})
+    return build_config(**kw)
 
 
 def comparable(out: Path) -> dict:
@@ -52,11 +48,8 @@ def assert_same_dataset(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_build(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds") / "local"
-    summary = build([str(p) for p in IDS], out, cfg(), progress=False)
-    assert summary["ok"] == 3 and not summary["failed"], summary
-    return out
+def local_build(tiny_dataset: Path) -> Path:
+    return tiny_dataset
 
 
 def test_local_build_writes_adapters_and_manifest(local_build: Path) -> None:

@@ -1,0 +1,87 @@
+"""Read a ``difflora data build`` output directory as hypernetwork training data.
+
+Each ok record of ``manifest.jsonl`` gives one row: its adapter (``adapters/<id>.safetensors``) as tokens and
+its training photos' face embeddings as condition tokens. The split comes from the record (``train`` / ``val``
+/ ``eval``, decided by :mod:`pipeline_data.splits`); ``eval`` identities are never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weights.adapter import Adapter
+from weights.formats.native import load_native
+from weights.spec import AdapterSpec
+from weights.tokens import TokenLayout, adapter_to_tokens, split_template
+
+from .data import HypernetDataset
+
+
+@dataclass
+class AdapterDataset:
+    """Tokens + conditions of a built dataset, with what is needed to turn tokens back into adapters."""
+
+    data: HypernetDataset  # rows in ``records`` order
+    records: list[dict]  # the manifest records of the rows
+    layout: TokenLayout  # token layout shared by every adapter
+    spec: AdapterSpec  # the adapters' spec
+    template: Adapter  # frozen tensors shared by every identity (empty for LoRA)
+    recipe: dict  # the build's config.json
+    face_backend: str  # backend of the condition embeddings
+
+    def split(self, *names: str) -> HypernetDataset:
+        idx = [i for i, r in enumerate(self.records) if r.get("split") in names]
+        if not idx:
+            raise ValueError(f"no identity of split {names} in the dataset")
+        return self.data.subset(idx)
+
+    def adapter(self, row: int, tokens: torch.Tensor | None = None) -> Adapter:
+        from weights.tokens import tokens_to_adapter
+
+        t = self.data.tokens[row] if tokens is None else tokens
+        return tokens_to_adapter(t, self.layout, self.spec, self.template)
+
+
+def read_manifest(directory: str | Path) -> list[dict]:
+    path = Path(directory) / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an adapter dataset: manifest.jsonl is missing")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_adapter_dataset(
+    directory: str | Path,
+    *,
+    token_dim: int = 64,
+    splits: Sequence[str] | None = None,
+    min_gain: float | None = None,
+) -> AdapterDataset:
+    """Load every ok identity (optionally only ``splits``; optionally dropping identities whose identity-check
+    gain is below ``min_gain`` — identities without check figures are kept)."""
+    d = Path(directory)
+    recs = [r for r in read_manifest(d) if r.get("status") == "ok"]
+    if splits is not None:
+        recs = [r for r in recs if r.get("split") in splits]
+    if min_gain is not None:
+        recs = [r for r in recs if "check" not in r or r["check"]["gain"] >= min_gain]
+    if not recs:
+        raise ValueError(f"{d}: no usable identities (splits={splits}, min_gain={min_gain})")
+    recipe = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    adapters = [load_native(d / r["adapter"]) for r in recs]
+    spec = adapters[0].spec
+    bad = [r["identity"] for r, a in zip(recs, adapters) if a.spec.hash() != spec.hash()]
+    if bad:
+        raise ValueError(f"{d}: adapters with another spec than the first: {bad[:5]}")
+    _, template = split_template(adapters[0])
+    layout = TokenLayout.from_adapter(adapters[0], token_dim)
+    tokens = torch.stack([adapter_to_tokens(a, layout) for a in adapters])  # (N, T, D)
+    cond = [torch.tensor(r["embeddings"], dtype=torch.float32) for r in recs]  # (P_i, E) each
+    data = HypernetDataset.from_tensors(
+        tokens, cond, names=[r["identity"] for r in recs], mask=layout.mask, layer_ids=layout.layer_ids
+    )
+    return AdapterDataset(data, recs, layout, spec, template, recipe, recipe.get("face_backend", "dlib"))

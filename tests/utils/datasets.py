@@ -1,0 +1,25 @@
+"""The bundled tiny base and a small real adapter dataset, for tests of every package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FACES = REPO.parent / "shared" / "data" / "faces"
+# three identity folders: two LFW people (one with >= 8 photos) and one ORL subject
+DATASET_IDS = [FACES / "lfw" / "Aaron_Peirsol", FACES / "lfw" / "Abdullah_Gul", FACES / "orl" / "s1"]
+
+
+def tiny_base() -> str:
+    """The bundled tiny base model (``DIFFLORA_TEST_BASE`` may point elsewhere while developing)."""
+    from pipeline_data.models import TINY_BASE
+
+    return os.environ.get("DIFFLORA_TEST_BASE", str(TINY_BASE))
+
+
+def build_config(**kw):
+    from pipeline_data.recipe import BuildConfig
+
+    base = {"base": tiny_base(), "steps": 12, "batch_size": 4, "check_identities": 0, "threads": 1}
+    return BuildConfig(**{**base, **kw})
