@@ -112,7 +112,7 @@ class Predictor:
         from .model import HypernetModel
 
         recipe = recipe or BuildConfig()
-        spec = recipe.adapter_spec(getattr(pipe, "_difflora_base_id", "") or "tiny")
+        spec = recipe.adapter_spec()
         inject_adapter(pipe.unet, spec, generator=torch.Generator().manual_seed(seed))
         init = remove_adapter(pipe.unet)
         trainable, template = split_template(init)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -183,10 +182,6 @@ def _worker_state(cfg: BuildConfig):
     return _STATE["pipe"], _STATE["encoder"], _STATE["prior"]
 
 
-def base_model_id(base: str) -> str:
-    return base if "/" not in base and os.sep not in base else Path(base).name
-
-
 def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
     """Prepare, train and write one identity (the unit of work, local or as a Ray task). Returns its record."""
     from weights.formats.native import save_native
@@ -203,7 +198,7 @@ def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
     if rec["status"] == "ok":
         crops, held = rec.pop("_crops"), rec.pop("_heldout_crops")
         del held  # held-out photos are never trained on; the check uses their embeddings
-        res = train_identity(pipe, crops, cfg, base_model=base_model_id(cfg.base), prior=prior)
+        res = train_identity(pipe, crops, cfg, base_model=cfg.base_model_id, prior=prior)
         path = out / "adapters" / f"{src.id}.safetensors"
         save_native(res.adapter, path)
         rec.update(

@@ -63,14 +63,26 @@ class BuildConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
-    def adapter_spec(self, base_model: str) -> AdapterSpec:
+    @property
+    def base_model_id(self) -> str:
+        """The id stamped into adapter specs: the preset name, also when ``base`` is the preset's own folder."""
+        from pathlib import Path
+
+        from .models import PRESETS, resolve_source
+
+        for name, preset in PRESETS.items():
+            if self.base == name or Path(self.base).expanduser().resolve() == Path(resolve_source(preset)).resolve():
+                return name
+        return Path(self.base).name or self.base
+
+    def adapter_spec(self, base_model: str | None = None) -> AdapterSpec:
         return AdapterSpec(
             method=self.method,
             rank=self.rank,
             alpha=self.alpha,
             params=dict(self.method_params),
             targets=list(self.targets),
-            base_model=base_model,
+            base_model=self.base_model_id if base_model is None else base_model,
         )
 
     def training_dict(self) -> dict[str, Any]:

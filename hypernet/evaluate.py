@@ -1,0 +1,233 @@
+"""The evaluation table: the hypernet against baselines on held-out (``eval`` split) identities.
+
+Candidates (all on the same identities, seeds and noise): ``base`` (no adapter), ``mean`` (training-set mean
+adapter), ``nearest`` (adapter of the training identity with the closest face embedding), ``mlp`` (direct
+regression embedding -> tokens), ``hypernet`` (the diffusion hypernetwork) and ``oracle`` (the identity's own
+trained adapter). Metrics per identity, averaged with bootstrap intervals over identities:
+
+* identity recovery = Σ_j (sim_x − sim_base) / Σ_j (sim_oracle − sim_base): the share of the oracle's identity
+  gain a candidate recovers. sim = face similarity of its generations (fixed seeds) to the identity's held-out
+  photos. (A ratio of sums: per-identity ratios explode where the oracle's own gain is near zero.)
+* function fidelity = 1 − E‖ε_x − ε_oracle‖² / E‖ε_base − ε_oracle‖² on the identity's photos at fixed noise
+  and timesteps (how much of the oracle adapter's effect on the denoiser the candidate reproduces);
+* weight cosine of the candidate's ΔW to the oracle's; the no-face rate of its generations; seconds/identity.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline_data.check import bootstrap_ci, generate
+from weights.adapter import Adapter
+from weights.apply import apply_adapter, restore
+from weights.methods import get_method, method_config
+
+CANDIDATES = ("base", "mean", "nearest", "mlp", "hypernet", "oracle")
+
+
+@dataclass
+class EvalConfig:
+    """How ``difflora hypernet eval`` measures."""
+
+    seeds: int = 8  # generations per candidate and identity
+    gen_steps: int = 20  # DDIM steps of the base model's generations
+    guidance: float = 3.0  # CFG scale of the generations
+    sample_steps: int = 50  # DDIM steps of the hypernet
+    cfg_scale: float = 1.0  # hypernet classifier-free guidance
+    timesteps: tuple[int, ...] = (50, 200, 400, 600, 800)  # function-fidelity timesteps
+    limit: int | None = None  # evaluate only the first N eval identities
+    mlp_epochs: int = 300  # regression-MLP baseline training epochs
+
+
+def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
+    """All targeted layers' ΔW concatenated (zeros for None)."""
+    out = []
+    method = get_method(adapter.spec.method) if adapter is not None else None
+    for lay in adapter.spec.layers if adapter is not None else []:
+        W = unet.get_submodule(lay.name).weight
+        out.append(method.delta(W, adapter.layer_params(lay.name), method_config(adapter.spec)).float().flatten())
+    return torch.cat(out)
+
+
+def _identity_crops(rec: dict, encoder, size: int, padding: float) -> np.ndarray:
+    from pipeline_data.build import crop_face
+
+    crops = []
+    for name in rec["photos_used"]:
+        rgb = encoder.load_rgb(str(Path(rec["source"]) / name))
+        crops.append(crop_face(encoder, rgb, encoder.embed(rgb).face, size, padding))
+    return np.stack(crops)
+
+
+@torch.no_grad()
+def _eps(pipe, sched, adapter: Adapter | None, latents, noise, t, cond) -> torch.Tensor:
+    state = apply_adapter(pipe.unet, adapter) if adapter is not None else None
+    try:
+        x = sched.add_noise(latents, noise, t)
+        return pipe.unet(x, t, **cond).sample.float()
+    finally:
+        if state is not None:
+            restore(pipe.unet, state)
+
+
+def _summary(values: list[float]) -> dict:
+    lo, hi = bootstrap_ci(values)
+    return {"mean": float(np.mean(values)), "ci95": [lo, hi]}
+
+
+def _ratio_summary(num: np.ndarray, den: np.ndarray, n: int = 2000, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n, len(num)))
+    boots = num[idx].sum(1) / np.where(den[idx].sum(1) == 0, np.nan, den[idx].sum(1))
+    lo, hi = np.nanquantile(boots, [0.025, 0.975])
+    return {"mean": float(num.sum() / den.sum()) if den.sum() else float("nan"), "ci95": [float(lo), float(hi)]}
+
+
+def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfig | None = None) -> dict:
+    """Run the whole table (see module docstring); returns the result dict written by :func:`write_results`."""
+    from diffusers import DDPMScheduler
+
+    from pipeline_data.adapter_train import encode_latents, unet_conditioning
+    from pipeline_data.faces import get_encoder
+    from pipeline_data.models import load_pipeline
+
+    from .adapter_data import load_adapter_dataset
+    from .baselines import MeanAdapter, MLPConfig, NearestNeighbour, RegressionMLP
+    from .predict import Predictor
+
+    cfg = cfg or EvalConfig()
+    predictor = Predictor.load(checkpoint_dir)
+    ds = load_adapter_dataset(dataset_dir, token_dim=predictor.layout.token_dim)
+    if ds.layout.spec_hash != predictor.layout.spec_hash:
+        raise ValueError("the checkpoint was trained on adapters of another spec than this dataset's")
+    train_rows = [i for i, r in enumerate(ds.records) if r.get("split") in ("train", "val")]
+    eval_rows = [i for i, r in enumerate(ds.records) if r.get("split") == "eval"][: cfg.limit]
+    if not eval_rows or not train_rows:
+        raise ValueError(f"need train and eval identities, got {len(train_rows)} and {len(eval_rows)}")
+    train = ds.data.subset(train_rows)
+    conds = [ds.data.cond[i] for i in eval_rows]
+    tokens: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for name, model in (
+        ("mean", MeanAdapter()),
+        ("nearest", NearestNeighbour()),
+        ("mlp", RegressionMLP(MLPConfig(epochs=cfg.mlp_epochs))),
+    ):
+        model.fit(train)
+        t0 = time.perf_counter()
+        tokens[name] = model.predict(conds)
+        seconds[name] = (time.perf_counter() - t0) / len(conds)
+    t0 = time.perf_counter()
+    hyper = predictor.predict_batch(conds, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
+    seconds["hypernet"] = (time.perf_counter() - t0) / len(conds)
+
+    pipe = load_pipeline(ds.recipe.get("base", "tiny"))
+    encoder = get_encoder(ds.face_backend)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    seeds = list(range(cfg.seeds))
+    caption = ds.recipe.get("caption", "a photo of sks person")
+    per: dict[str, dict[str, dict]] = {c: {} for c in CANDIDATES}
+    for k, row in enumerate(eval_rows):
+        rec = ds.records[row]
+        cands: dict[str, Adapter | None] = {"base": None, "hypernet": hyper[k], "oracle": ds.adapter(row)}
+        cands.update({n: ds.adapter(row, tokens[n][k]) for n in ("mean", "nearest", "mlp")})
+        heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
+        # function fidelity inputs: the identity's photos, fixed noise and timesteps
+        g = torch.Generator().manual_seed(0)
+        crops = _identity_crops(rec, encoder, size, ds.recipe.get("crop_padding", 0.3))
+        lat = encode_latents(pipe, crops, g, flip=False)
+        ts = torch.tensor(cfg.timesteps).repeat_interleave(len(lat))
+        lat = lat.repeat(len(cfg.timesteps), 1, 1, 1)
+        noise = torch.randn(lat.shape, generator=g)
+        cond = unet_conditioning(pipe, caption, len(lat), size, size)
+        eps = {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
+        d_oracle = _delta_vector(pipe.unet, cands["oracle"])
+        den = float(((eps["base"] - eps["oracle"]) ** 2).mean())
+        for c, a in cands.items():
+            state = apply_adapter(pipe.unet, a) if a is not None else None
+            try:
+                imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
+            finally:
+                if state is not None:
+                    restore(pipe.unet, state)
+            emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
+            sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
+            no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))
+            fid = 1.0 - float(((eps[c] - eps["oracle"]) ** 2).mean()) / den if den > 0 else float("nan")
+            dv = _delta_vector(pipe.unet, a) if a is not None else torch.zeros_like(d_oracle)
+            cos = (
+                float(torch.nn.functional.cosine_similarity(dv.double(), d_oracle.double(), dim=0))
+                if dv.norm() > 0
+                else 0.0
+            )
+            per[c][rec["identity"]] = {"sim": sim, "function_fidelity": fid, "weight_cosine": cos, "no_face": no_face}
+    return _tabulate(per, seconds, eval_rows, cfg)
+
+
+def _upscale(im: np.ndarray, side: int = 150) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def _tabulate(per: dict, seconds: dict, eval_rows: list[int], cfg: EvalConfig) -> dict:
+    ids = list(per["oracle"])
+    base = np.array([per["base"][i]["sim"] for i in ids])
+    oracle_gain = np.array([per["oracle"][i]["sim"] for i in ids]) - base
+    rows = {}
+    for c in CANDIDATES:
+        gain = np.array([per[c][i]["sim"] for i in ids]) - base
+        rows[c] = {
+            "identity_recovery": _ratio_summary(gain, oracle_gain)["mean"],
+            "identity_recovery_ci95": _ratio_summary(gain, oracle_gain)["ci95"],
+            "identity_gain": _summary(list(gain)),
+            "function_fidelity": _summary([per[c][i]["function_fidelity"] for i in ids])["mean"],
+            "function_fidelity_ci95": _summary([per[c][i]["function_fidelity"] for i in ids])["ci95"],
+            "weight_cosine": float(np.mean([per[c][i]["weight_cosine"] for i in ids])),
+            "no_face_rate": float(np.mean([per[c][i]["no_face"] for i in ids])),
+            "seconds_per_identity": seconds.get(c, 0.0),
+        }
+    h = rows["hypernet"]
+    return {
+        "identity_recovery": h["identity_recovery"],
+        "function_fidelity": h["function_fidelity"],
+        "n_identities": len(ids),
+        "hypernet": h,
+        "baselines": {c: rows[c] for c in CANDIDATES if c != "hypernet"},
+        "config": asdict(cfg),
+        "per_identity": {c: per[c] for c in CANDIDATES},
+    }
+
+
+def write_results(res: dict, out_file: str | Path) -> None:
+    """JSON (atomic) plus a PNG bar chart next to it."""
+    from weights.safetensors_io import atomic_write_bytes
+
+    out = Path(out_file)
+    atomic_write_bytes(out, (json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {**res["baselines"], "hypernet": res["hypernet"]}
+    names = [c for c in CANDIDATES if c in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("identity_recovery", "function_fidelity")):
+        vals = [rows[n][key] for n in names]
+        ci = np.array([rows[n][f"{key}_ci95"] for n in names]).T
+        err = np.abs(ci - np.array(vals)[None])
+        ax.bar(names, vals, yerr=err, color=["#999", "#bbb", "#bbb", "#bbb", "#c33", "#36c"][: len(names)])
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"{key.replace('_', ' ')} ({res['n_identities']} held-out identities)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""The evaluation table on a real (tiny) dataset: definitions pinned by the base and oracle candidates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hypernet.evaluate import EvalConfig, evaluate, write_results
+from hypernet.predict import Predictor
+from pipeline_data.models import load_pipeline
+from pipeline_data.recipe import BuildConfig
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tiny_dataset: Path, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    ds = root / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    lines = [json.loads(x) for x in (ds / "manifest.jsonl").read_text().splitlines()]
+    for r in lines:  # hold one identity out as the eval split
+        r["split"] = "eval" if r["identity"] == "orl__s1" else "train"
+    (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    recipe = BuildConfig.from_dict(json.loads((ds / "config.json").read_text()))
+    pipe = load_pipeline(recipe.base)
+    Predictor.untrained(pipe, recipe).save(root / "ckpt")
+    return ds, root / "ckpt"
+
+
+def test_eval_table_definitions(eval_setup, tmp_path: Path) -> None:
+    ds, ckpt = eval_setup
+    cfg = EvalConfig(seeds=2, gen_steps=4, sample_steps=4, timesteps=(100, 500), mlp_epochs=5)
+    res = evaluate(ds, ckpt, cfg)
+    assert res["n_identities"] == 1
+    b = res["baselines"]
+    assert set(b) == {"base", "mean", "nearest", "mlp", "oracle"}
+    assert b["oracle"]["function_fidelity"] == pytest.approx(1.0)
+    assert b["base"]["function_fidelity"] == pytest.approx(0.0)
+    assert b["oracle"]["weight_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert b["base"]["identity_gain"]["mean"] == 0.0
+    if b["oracle"]["identity_gain"]["mean"] != 0:
+        assert b["oracle"]["identity_recovery"] == pytest.approx(1.0)
+    # the untrained hypernet predicts the init adapter (ΔW = 0): exactly the base model
+    assert res["function_fidelity"] == pytest.approx(0.0, abs=1e-6)
+    assert res["hypernet"]["identity_gain"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert res["hypernet"]["weight_cosine"] == 0.0
+    assert 0.0 <= res["hypernet"]["no_face_rate"] <= 1.0
+    write_results(res, tmp_path / "quality.json")
+    assert json.loads((tmp_path / "quality.json").read_text())["n_identities"] == 1
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_eval_refuses_dataset_without_eval_split(tiny_dataset: Path, eval_setup) -> None:
+    _, ckpt = eval_setup
+    with pytest.raises(ValueError, match="need train and eval identities"):
+        evaluate(tiny_dataset, ckpt, EvalConfig(seeds=1))
