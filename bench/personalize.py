@@ -1,0 +1,117 @@
+"""Seconds from photos to a ready adapter: the hypernet (embed + sample + decode) vs training the same identity's
+adapter with the dataset recipe, in one process on one machine. Also batched hypernet throughput.
+
+    .venv/bin/python bench/personalize.py [--base tiny] [--checkpoint assets/tiny/hypernet] [--photos DIR]
+
+Writes bench/results/personalize.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hypernet.predict import RECIPE_NAME, Predictor  # noqa: E402
+from pipeline_data.adapter_train import train_identity  # noqa: E402
+from pipeline_data.build import IdentitySource, prepare_identity  # noqa: E402
+from pipeline_data.faces import get_encoder  # noqa: E402
+from pipeline_data.models import load_pipeline  # noqa: E402
+from pipeline_data.recipe import BuildConfig  # noqa: E402
+from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "faces" / "lfw" / "Abdullah_Gul"
+
+
+def _recipe(checkpoint: Path, base: str) -> BuildConfig:
+    path = checkpoint / RECIPE_NAME
+    if path.is_file():
+        flags = json.loads(path.read_text())
+        return BuildConfig.from_dict({k.lstrip("-").replace("-", "_"): v for k, v in flags.items()} | {"base": base})
+    return BuildConfig(base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="tiny")
+    ap.add_argument("--checkpoint", default=str(REPO / "assets" / "tiny" / "hypernet"))
+    ap.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="one identity's photo folder")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "personalize.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ckpt = Path(args.checkpoint)
+    pipe = load_pipeline(args.base)
+    recipe = _recipe(ckpt, args.base)
+    trained = (ckpt / "config.json").is_file()
+    predictor = Predictor.load(ckpt) if trained else Predictor.untrained(pipe, recipe)
+    encoder = get_encoder(predictor.face_backend)
+    photos = sorted(p for p in Path(args.photos).iterdir() if p.is_file())
+    blobs = [p.read_bytes() for p in photos]
+    predictor.predict(np.zeros((1, predictor.cond_dim), np.float32))  # warm-up
+
+    def personalize() -> None:
+        embs = np.stack([r.embedding for r in encoder.embed_many(blobs)])
+        predictor.predict(embs)
+
+    t_pred = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        personalize()
+        t_pred.append(time.perf_counter() - t0)
+
+    # the fine-tuning baseline: the dataset recipe on the same photos (decode, embed, filter, crop, train)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    src = IdentitySource("bench", Path(args.photos).name, args.photos)
+    t0 = time.perf_counter()
+    rec = prepare_identity(src, recipe, encoder, size)
+    if rec["status"] != "ok":
+        print(f"photos not usable: {rec.get('reason')}", file=sys.stderr)
+        return 2
+    train_identity(pipe, rec["_crops"], recipe, base_model=recipe.base_model_id)
+    t_train = time.perf_counter() - t0
+
+    throughput = {}
+    rng = np.random.default_rng(0)
+    for b in (1, 8, 32):
+        conds = [rng.normal(size=(4, predictor.cond_dim)).astype(np.float32) for _ in range(b)]
+        t0 = time.perf_counter()
+        predictor.predict_batch(conds)
+        throughput[str(b)] = round(b / (time.perf_counter() - t0), 2)
+
+    pred = statistics.median(t_pred)
+    res = {
+        "base": args.base,
+        "checkpoint": str(ckpt) if trained else "untrained (same architecture; timing only)",
+        "photos": len(photos),
+        "method": recipe.method,
+        "recipe_steps": recipe.steps,
+        "hypernet_sample_steps": predictor.steps,
+        "seconds_personalize": round(pred, 4),
+        "seconds_finetune": round(t_train, 2),
+        "speedup_vs_finetune": round(t_train / pred, 1),
+        "identities_per_second": throughput,
+        "threads": args.threads,
+        "device": "cpu",
+    }
+    atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())
+    print(f"{'path':<34}{'seconds':>10}")
+    print(f"{'photos -> adapter (hypernet)':<34}{pred:>10.3f}")
+    print(f"{'photos -> adapter (fine-tune)':<34}{t_train:>10.2f}")
+    print(f"speedup_vs_finetune: {res['speedup_vs_finetune']}x   batched identities/s: {throughput}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
