@@ -1,0 +1,77 @@
+"""Checkpoint files (safetensors + JSON only, written atomically) shared by training and inference.
+
+A checkpoint directory holds::
+
+    config.json          HypernetConfig (+ format version)
+    model.safetensors    HypernetModel state (weights, token layout, token and latent statistics)
+    ema.safetensors      the EMA copy of the same state (used for inference)
+    optimizer.safetensors, trainer_state.json   training only (see train.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import HypernetConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: HypernetConfig, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    payload = {"format_version": FORMAT_VERSION, **cfg.to_dict(), **(extra or {})}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def load_config(directory: str | Path) -> HypernetConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in hypernet checkpoint directory {str(directory)!r}")
+    d = json.loads(path.read_text())
+    version = d.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported hypernet checkpoint format_version {version!r}")
+    return HypernetConfig.from_dict({k: d[k] for k in ("autoencoder", "denoiser", "train") if k in d})
+
+
+def state_to_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hypernet weights file not found: {str(path)!r}")
+    return load_file(str(path), device=str(device))

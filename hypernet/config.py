@@ -1,0 +1,191 @@
+"""Hypernetwork configuration: autoencoder, denoiser and training dataclasses, plus a preset registry.
+
+The data-dependent sizes (``token_dim``, ``num_tokens``, ``num_layers``, ``cond_dim``) are filled in from the
+dataset by :meth:`HypernetConfig.for_data`; presets only fix the model and training sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("v", "epsilon")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+@dataclass
+class AutoencoderConfig:
+    """DiffLoRA's weight autoencoder (LAE): adapter tokens (B, T, D) <-> latent tokens (B, T_lat, D_lat)."""
+
+    token_dim: int = 64  # D: entries per adapter token (set from the dataset)
+    num_tokens: int = 32  # T: tokens per adapter (set from the dataset)
+    num_layers: int = 8  # distinct layer ids, max id + 1 (set from the dataset)
+    hidden: int = 128  # transformer width
+    depth_enc: int = 2  # encoder transformer blocks
+    depth_dec: int = 2  # decoder transformer blocks
+    heads: int = 4  # attention heads (hidden must be divisible by heads)
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * hidden
+    latent_tokens: int = 8  # T_lat: learned query tokens that become the latent
+    latent_dim: int = 16  # D_lat: channels per latent token
+    input_noise: float = 0.01  # std of Gaussian noise added to normalised input tokens while training
+    latent_noise: float = 0.05  # std of Gaussian noise added to the (unit-RMS) latent while training
+    magnitude_weight: float = 1.0  # lambda in the loss weight w = 1 + lambda * |x_raw| / mean|x_raw|
+
+    def __post_init__(self) -> None:
+        _check_heads(self.hidden, self.heads, "autoencoder")
+        for name in ("token_dim", "num_tokens", "num_layers", "latent_tokens", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"autoencoder {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DenoiserConfig:
+    """DiT-style denoiser over latent tokens, with the Gaussian diffusion process it is trained for."""
+
+    cond_dim: int = 512  # E: face-embedding (+ image feature) dims per condition token (set from the dataset)
+    hidden: int = 256  # transformer width
+    depth: int = 6  # DiT blocks (self-attn + cross-attn + MLP)
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * hidden
+    cond_drop_prob: float = 0.1  # probability a training sample sees the learned null condition (for CFG)
+    num_timesteps: int = 1000  # discrete diffusion steps
+    schedule: str = "cosine"  # noise schedule: cosine | linear
+    prediction: str = "v"  # network target: v (velocity) | epsilon (noise)
+
+    def __post_init__(self) -> None:
+        _check_heads(self.hidden, self.heads, "denoiser")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage training: the autoencoder first, then the denoiser on the frozen autoencoder's latents."""
+
+    seed: int = 0  # seeds model init and the single training RNG (batches, noise, timesteps, dropout)
+    batch_size: int = 64  # identities per step
+    ae_steps: int = 2000  # stage 1: autoencoder steps
+    dn_steps: int = 10000  # stage 2: denoiser steps
+    ae_lr: float = 1e-3  # stage 1 peak learning rate
+    dn_lr: float = 3e-4  # stage 2 peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100  # linear warm-up per stage, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    ema_decay: float = 0.999  # EMA decay (with warm-up: min(decay, (1 + n) / (10 + n)) at stage step n)
+    max_cond_photos: int = 8  # each sample sees a random subset of 1..min(P_i, this) photos
+    amp: str = "auto"  # bf16 autocast: auto (CUDA with bf16 only) | bf16 (also on CPU) | off
+    log_every: int = 10  # steps between JSONL metric lines
+    eval_every: int = 250  # steps between validation metrics (EMA model)
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    sample_steps: int = 50  # DDIM steps for the final held-out evaluation
+    cfg_scale: float = 1.0  # CFG scale for the final held-out evaluation
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON gives a list
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("batch_size", "max_cond_photos", "log_every", "eval_every", "ckpt_every", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
+        if self.ae_steps < 0 or self.dn_steps < 0:
+            raise ValueError(f"ae_steps/dn_steps must be >= 0, got {self.ae_steps}/{self.dn_steps}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.ae_steps + self.dn_steps
+
+
+@dataclass
+class HypernetConfig:
+    """Everything needed to rebuild (and re-train) a hypernetwork; stored as ``config.json``."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"]["betas"] = list(self.train.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HypernetConfig:
+        unknown = set(d) - {"autoencoder", "denoiser", "train"}
+        if unknown:
+            raise ValueError(f"unknown hypernet config sections: {sorted(unknown)}")
+        return cls(
+            autoencoder=AutoencoderConfig(**d.get("autoencoder", {})),
+            denoiser=DenoiserConfig(**d.get("denoiser", {})),
+            train=TrainConfig(**d.get("train", {})),
+        )
+
+    def for_data(self, num_tokens: int, token_dim: int, num_layers: int, cond_dim: int) -> HypernetConfig:
+        """A copy with the data-dependent sizes set."""
+        ae = replace(self.autoencoder, num_tokens=num_tokens, token_dim=token_dim, num_layers=num_layers)
+        return replace(self, autoencoder=ae, denoiser=replace(self.denoiser, cond_dim=cond_dim))
+
+
+def _check_heads(hidden: int, heads: int, where: str) -> None:
+    if heads < 1 or hidden % heads:
+        raise ValueError(f"{where} hidden={hidden} must be divisible by heads={heads}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny() -> HypernetConfig:
+    """Trains in about a minute on 2 CPU cores (tests, the bundled tiny world)."""
+    return HypernetConfig(
+        autoencoder=AutoencoderConfig(hidden=64, depth_enc=2, depth_dec=2, heads=4, latent_tokens=4, latent_dim=8),
+        denoiser=DenoiserConfig(hidden=96, depth=3, heads=4),
+        train=TrainConfig(
+            batch_size=64,
+            ae_steps=800,
+            dn_steps=900,
+            ae_lr=2e-3,
+            dn_lr=1e-3,
+            warmup_steps=30,
+            ema_decay=0.99,
+            eval_every=100,
+            ckpt_every=500,
+            sample_steps=25,
+        ),
+    )
+
+
+def sd15() -> HypernetConfig:
+    """SD 1.5 adapters (hundreds of tokens per adapter) on one GPU."""
+    return HypernetConfig(
+        autoencoder=AutoencoderConfig(hidden=384, depth_enc=4, depth_dec=4, heads=6, latent_tokens=64, latent_dim=32),
+        denoiser=DenoiserConfig(hidden=512, depth=12, heads=8),
+        train=TrainConfig(batch_size=64, ae_steps=20_000, dn_steps=100_000, ae_lr=3e-4, dn_lr=1e-4, warmup_steps=1000),
+    )
+
+
+def sdxl() -> HypernetConfig:
+    """SDXL adapters (more and wider layers) on one GPU."""
+    return HypernetConfig(
+        autoencoder=AutoencoderConfig(hidden=512, depth_enc=6, depth_dec=6, heads=8, latent_tokens=128, latent_dim=32),
+        denoiser=DenoiserConfig(hidden=768, depth=16, heads=12),
+        train=TrainConfig(batch_size=64, ae_steps=30_000, dn_steps=200_000, ae_lr=2e-4, dn_lr=1e-4, warmup_steps=2000),
+    )
+
+
+PRESETS: dict[str, Callable[[], HypernetConfig]] = {"tiny": tiny, "sd15": sd15, "sdxl": sdxl}
+
+
+def get_preset(name: str) -> HypernetConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown hypernet preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,61 @@
+"""Train the hypernetwork on a built adapter dataset and export a self-contained predictor directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .adapter_data import load_adapter_dataset
+from .config import HypernetConfig, get_preset
+from .predict import RECIPE_NAME, save_adapter_meta
+
+
+def recipe_flags(build_config: dict[str, Any]) -> dict[str, Any]:
+    """``difflora data build`` flag -> value of a dataset's config.json (without --faces/--out/--base)."""
+    from pipeline_data.recipe import BuildConfig
+
+    return BuildConfig.from_dict(build_config).recipe_flags()
+
+
+def train_on_dataset(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    token_dim: int = 64,
+    overrides: dict[str, Any] | None = None,
+    min_gain: float | None = None,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Train on the dataset's ``train`` identities (``val`` for validation; ``eval`` is never touched) and write
+    the predictor files (:mod:`hypernet.predict`) into ``out_dir``. Returns the final validation metrics."""
+    from .train import train
+
+    ds = load_adapter_dataset(dataset_dir, token_dim=token_dim, splits=("train", "val"), min_gain=min_gain)
+    train_set = ds.split("train")
+    try:
+        val_set = ds.split("val")
+    except ValueError:
+        val_set = None
+    cfg: HypernetConfig = get_preset(preset).for_data(
+        ds.data.num_tokens, ds.data.token_dim, ds.data.num_layers, ds.data.cond_dim
+    )
+    if overrides:
+        cfg = replace(cfg, train=replace(cfg.train, **overrides))
+    out = Path(out_dir)
+    final = train(cfg, train_set, out, val_set=val_set, device=device, resume=resume, progress=progress)
+    save_adapter_meta(out, ds.layout, ds.spec, ds.template, ds.face_backend)
+    from weights.safetensors_io import atomic_write_bytes
+
+    flags = recipe_flags(ds.recipe)
+    atomic_write_bytes(out / RECIPE_NAME, (json.dumps(flags, indent=2, sort_keys=True) + "\n").encode())
+    return {
+        "train_identities": len(train_set),
+        "val_identities": 0 if val_set is None else len(val_set),
+        "tokens": [ds.data.num_tokens, ds.data.token_dim],
+        **final,
+    }

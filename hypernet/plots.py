@@ -1,0 +1,51 @@
+"""PNG plots of a training run's ``metrics.jsonl`` (matplotlib, Agg backend; skipped if matplotlib is absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+PANELS = (  # (title, stage, train key, validation keys)
+    ("autoencoder", "autoencoder", "loss", ("val_ae_rel_mse",)),
+    ("denoiser", "denoiser", "loss", ("val_dn_loss",)),
+)
+
+
+def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
+    """Plot training loss and validation metrics per stage. Returns False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no metrics plot written", stacklevel=2)
+        return False
+    recs = [json.loads(ln) for ln in Path(jsonl).read_text().splitlines() if ln.strip()]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.5))
+    for ax, (title, stage, key, val_keys) in zip(axes, PANELS, strict=True):
+        tr = [(r["step"], r[key]) for r in recs if r.get("stage") == stage and key in r]
+        if tr:
+            ax.plot(*zip(*tr, strict=True), label=f"train {key}", lw=1)
+        for vk in val_keys:
+            va = [(r["step"], r[vk]) for r in recs if vk in r]
+            if va:
+                ax.plot(*zip(*va, strict=True), "o-", label=vk, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return True
