@@ -1,7 +1,7 @@
-"""``difflora hypernet ...``: train (and, once the LoRA dataset exists, evaluate) the hypernetwork.
+"""``difflora hypernet train|eval`` and ``difflora predict``.
 
-For now training runs on the synthetic dataset (``--synthetic``); the data-build directory loader and the
-``eval`` / ``predict`` commands come with the real adapter dataset.
+``train --dataset DIR`` trains on a ``difflora data build`` output (``--synthetic`` on the built-in synthetic
+dataset, a demo); ``eval`` writes the evaluation table; ``predict`` turns photos into an adapter file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the weight autoencoder, then the denoiser")
     src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", type=Path, help="a `difflora data build` output directory")
     src.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic LoRA dataset (demo)")
+    t.add_argument("--token-dim", type=int, default=64, help="values per adapter token (--dataset)")
+    t.add_argument("--min-gain", type=float, default=None, help="drop identities whose identity-check gain is lower")
     t.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics, exported model)")
     t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model and training sizes")
     t.add_argument("--ae-steps", type=int, help="override the preset's autoencoder steps")
@@ -34,7 +37,49 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation identities (of the rest)")
     t.add_argument("--mlp-steps", type=int, default=1500, help="training steps of the regression-MLP baseline")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="the evaluation table on the dataset's held-out (eval split) identities")
+    e.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
+    e.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (from `hypernet train`)")
+    e.add_argument("--out", required=True, type=Path, help="JSON result file (a PNG chart is written beside it)")
+    e.add_argument("--seeds", type=int, default=8, help="generations per candidate and identity")
+    e.add_argument("--limit", type=int, default=None, help="only the first N eval identities")
+    e.add_argument("--sample-steps", type=int, default=None, help="hypernet DDIM steps (default: checkpoint's)")
+    e.add_argument("--cfg-scale", type=float, default=1.0, help="hypernet classifier-free guidance scale")
     return p
+
+
+def _train_dataset(args: argparse.Namespace) -> int:
+    from .fit import train_on_dataset
+
+    overrides = {"seed": args.seed}
+    for key in ("ae_steps", "dn_steps", "batch_size", "amp"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    res = train_on_dataset(
+        args.dataset, args.out, preset=args.preset, token_dim=args.token_dim, overrides=overrides,
+        min_gain=args.min_gain, device=args.device, resume=not args.no_resume, progress=not args.no_progress,
+    )  # fmt: skip
+    print(json.dumps(res, indent=2, sort_keys=True))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_config
+    from .evaluate import EvalConfig, evaluate, write_results
+
+    steps = args.sample_steps or load_config(args.checkpoint).train.sample_steps
+    cfg = EvalConfig(seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale)
+    res = evaluate(args.dataset, args.checkpoint, cfg)
+    write_results(res, args.out)
+    rows = {**res["baselines"], "hypernet": res["hypernet"]}
+    print(f"{res['n_identities']} held-out identities")
+    print(f"{'candidate':<10} {'id. recovery':>13} {'fn fidelity':>12} {'w. cosine':>10} {'no-face':>8} {'s/id':>8}")
+    for name, r in rows.items():
+        print(
+            f"{name:<10} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} {r['weight_cosine']:10.3f} "
+            f"{r['no_face_rate']:8.2f} {r['seconds_per_identity']:8.4f}"
+        )
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -87,8 +132,42 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if args.command == "train":
-            return _train(args)
+            return _train_dataset(args) if args.dataset else _train(args)
+        if args.command == "eval":
+            return _eval(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"difflora hypernet {args.command}: {e}", file=sys.stderr)
         return 2
     return 2
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``difflora predict PHOTO... --out FILE [--format diffusers|kohya|peft|native] [--seed S]``."""
+    p = argparse.ArgumentParser(prog="difflora predict", description="Predict an identity's adapter from photos.")
+    p.add_argument("photos", nargs="+", help="1..N photos of one person")
+    p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format peft)")
+    p.add_argument("--format", default="diffusers", choices=("diffusers", "kohya", "peft", "native"))
+    p.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parents[1] / "assets/tiny/hypernet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="hypernet DDIM steps")
+    p.add_argument("--rank", type=int, default=None, help="rank of the exported LoRA (non-LoRA methods)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    from .predict import Predictor
+
+    try:
+        predictor = Predictor.load(args.checkpoint)
+        adapter, ident = predictor.predict_photos([str(x) for x in args.photos], seed=args.seed, steps=args.steps)
+        from weights.io import save_adapter
+
+        save_adapter(adapter, args.out, format=args.format, rank=args.rank)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"difflora predict: {e}", file=sys.stderr)
+        return 2
+    left = [o["name"] for o in ident["outliers"]] + [f["name"] for f in ident["failed"]]
+    note = f" (left out: {', '.join(left)})" if left else ""
+    print(f"adapter ({adapter.spec.method}, {len(adapter.spec.layers)} layers) from {len(ident['inliers'])} photos{note}"
+          f" -> {args.out}")  # fmt: skip
+    return 0
