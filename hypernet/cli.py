@@ -168,6 +168,6 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 2
     left = [o["name"] for o in ident["outliers"]] + [f["name"] for f in ident["failed"]]
     note = f" (left out: {', '.join(left)})" if left else ""
-    print(f"adapter ({adapter.spec.method}, {len(adapter.spec.layers)} layers) from {len(ident['inliers'])} photos{note}"
-          f" -> {args.out}")  # fmt: skip
+    n_used, n_layers = len(ident["inliers"]), len(adapter.spec.layers)
+    print(f"adapter ({adapter.spec.method}, {n_layers} layers) from {n_used} photos{note} -> {args.out}")
     return 0
