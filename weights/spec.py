@@ -28,6 +28,10 @@ class LayerInfo:
         return self.shape[1]
 
 
+def _layer_from_dict(d: dict[str, Any]) -> LayerInfo:
+    return LayerInfo(d["name"], tuple(d["shape"]), d.get("kind", "linear"))
+
+
 @dataclass
 class AdapterSpec:
     """Everything needed to rebuild, validate and apply an adapter, serialised as JSON in safetensors metadata."""
@@ -45,10 +49,7 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        self.layers = [
-            lay if isinstance(lay, LayerInfo) else LayerInfo(lay["name"], tuple(lay["shape"]), lay.get("kind", "linear"))
-            for lay in self.layers
-        ]
+        self.layers = [lay if isinstance(lay, LayerInfo) else _layer_from_dict(lay) for lay in self.layers]
 
     @property
     def scale(self) -> float:
