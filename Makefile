@@ -30,8 +30,17 @@ test: setup lint
 serve: setup
 	$(BIN)/difflora serve --preset tiny --host 127.0.0.1 --port 8000
 
+FACES ?= ../shared/data/faces
+TINY_DATA ?= data/tiny-lora
+
+# Rebuild everything in assets/tiny/ from the shared photos: the base model, the LoRA dataset (not committed;
+# its summary goes to bench/results/dataset.json), the hypernetwork and its evaluation. Each step resumes.
 tiny-assets: setup
-	$(BIN)/difflora tiny pretrain --faces ../shared/data/faces --out assets/tiny/base
+	$(BIN)/difflora tiny pretrain --faces $(FACES) --out assets/tiny/base --resume
+	$(BIN)/difflora data build --faces $(FACES) --base tiny --method lora --rank 4 --out $(TINY_DATA) \
+		--ray-address local --summary bench/results/dataset.json
+	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet
+	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json
 
 bench: setup
 	$(BIN)/python bench/apply.py
