@@ -36,7 +36,7 @@ TINY_DATA ?= data/tiny-lora
 # Rebuild everything in assets/tiny/ from the shared photos: the base model, the LoRA dataset (not committed;
 # its summary goes to bench/results/dataset.json), the hypernetwork and its evaluation. Each step resumes.
 tiny-assets: setup
-	$(BIN)/difflora tiny pretrain --faces $(FACES) --out assets/tiny/base --resume
+	$(BIN)/difflora tiny pretrain --faces $(FACES) --out assets/tiny/base --samples assets/tiny/samples.png
 	$(BIN)/difflora data build --faces $(FACES) --base tiny --method lora --rank 4 --out $(TINY_DATA) \
 		--ray-address local --summary bench/results/dataset.json
 	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet
