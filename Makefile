@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first: anything resolved before it would pull a multi-GB CUDA build (environment.md)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[faces,insightface,ray,service,dev]'
+	# Debian's chromium for the web-page browser test (Playwright's own browser download fails offline);
+	# best effort: the test is skipped where it cannot be installed
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed"; }
 	touch $(STAMP)
 
 lint: setup

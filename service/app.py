@@ -1,0 +1,75 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan (load, warm up, ready; drain on shutdown), middleware."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import anyio
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from .errors import install_handlers
+from .jobs import JobRunner
+from .metrics import Metrics
+from .middleware import GuardMiddleware
+from .routes import generations, health, identities, jobs, web
+from .settings import Settings
+from .state import ServiceState
+from .storage import Storage
+
+log = logging.getLogger("difflora.service")
+
+DESCRIPTION = """Zero-shot face personalization: upload photos of a person, a hypernetwork predicts a LoRA adapter,
+generate images of that person from any prompt. Errors are always `{"error": {"code", "message"}}`.
+With an API key configured, send it as `X-API-Key` (every endpoint but `/healthz`, `/readyz` and the web page)."""
+
+
+def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAPI:
+    """The app for ``settings`` (default: from ``DIFFLORA_*``). ``load=False`` skips loading models (tests of
+    the HTTP layer only); the server then stays not-ready."""
+    settings = settings or Settings()
+    storage = Storage(settings.data_dir)
+    swept = storage.sweep()
+    requeued = storage.requeue_running()
+    if swept or requeued:
+        log.info("start-up: removed %d leftover temp entries, re-queued %d interrupted jobs", swept, requeued)
+    state = ServiceState(settings, storage, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load:
+            state.start_loading()
+        state.jobs = JobRunner(state)
+        state.jobs.start()
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                state.engine.begin_drain()
+            await state.jobs.stop()
+            if state.engine is not None:
+                await anyio.to_thread.run_sync(state.engine.stop, settings.drain_timeout_s)
+            storage.close()
+
+    try:
+        ver = version("difflora")
+    except PackageNotFoundError:
+        ver = "0"
+    app = FastAPI(title="difflora", version=ver, description=DESCRIPTION, lifespan=lifespan)
+    app.state.svc = state
+    install_handlers(app)
+    for r in (health.router, identities.router, generations.router, jobs.router, web.router):
+        app.include_router(r)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Content-Type", "Idempotency-Key", "Accept"],
+        )  # fmt: skip
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=key, metrics=state.metrics)
+    return app

@@ -1,0 +1,195 @@
+"""``difflora batch``: batch personalization without a server (one identity per sub-folder of ``--faces``).
+
+For every identity folder: photos → face embeddings → predicted adapter → one image per prompt (× ``--num-images``).
+Output per identity: ``<out>/<identity>/adapter.safetensors`` (native), ``pytorch_lora_weights.safetensors``
+(diffusers), ``<prompt #>-<k>.png`` and ``identity.json``; ``<out>/manifest.jsonl`` gets one line per identity.
+Every file is written atomically and ``identity.json`` last, so a re-run skips finished identities and redoes the
+rest. The same engine as the server does the work (exact apply/restore between identities).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflora batch", description="Personalize many identities offline.")
+    p.add_argument("--faces", required=True, help="folder with one sub-folder of photos per identity")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line ('#' comments)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "sd15", "sdxl"])
+    p.add_argument("--model-path", help="local diffusers folder for the base model")
+    p.add_argument("--hypernet-path", help="predictor checkpoint directory")
+    p.add_argument("--untrained-hypernet", action="store_true", help="use an untrained hypernet (development)")
+    p.add_argument("--face-backend", default="dlib", choices=["dlib", "insightface"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: per preset)")
+    p.add_argument("--size", type=int, help="image side (default: per preset)")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--adapter-scale", type=float, default=1.0)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="prompt i, image k uses seed + i * num_images + k")
+    p.add_argument("--max-photos", type=int, default=10, help="photos read per identity")
+    p.add_argument("--ray-address", help="fan identities out over a Ray cluster ('auto', 'local' or host:port)")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray tasks (each loads the models once)")
+    return p
+
+
+def _read_prompts(path: Path) -> list[str]:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _identity_dirs(faces: Path) -> list[Path]:
+    return sorted(
+        d for d in faces.iterdir() if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir())
+    )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)[:100] or "identity"
+
+
+def _settings(args: argparse.Namespace):
+    from .settings import Settings
+
+    return Settings(
+        preset=args.preset, model_path=args.model_path, hypernet_path=args.hypernet_path,
+        untrained_hypernet=args.untrained_hypernet, face_backend=args.face_backend, device=args.device,
+        threads=args.threads, warmup=False, default_steps=args.steps, default_size=args.size,
+        max_size=max(args.size or 0, 8) if args.size else None, data_dir=tempfile.mkdtemp(prefix="difflora-batch-"),
+    )  # fmt: skip
+
+
+def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[str]) -> list[dict]:
+    """Process identity folders in this process (models loaded once); returns the manifest lines."""
+    import numpy as np
+
+    from pipeline_data.faces.identity import build_identity
+    from weights.io import save_adapter
+
+    from .engine import GenParams
+    from .metrics import Metrics
+    from .routes.generations import encode_png
+    from .state import ServiceState
+    from .storage import Storage, atomic_write
+
+    s = _settings(args)
+    state = ServiceState(s, Storage(s.data_dir), Metrics())
+    state.load()
+    if state.load_error:
+        raise RuntimeError(state.load_error)
+    eng, enc = state.engine, state.encoder
+    params = GenParams(steps=s.default_steps, width=s.default_size, height=s.default_size,
+                       guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale)  # fmt: skip
+    out, lines = Path(args.out), []
+    try:
+        for folder in map(Path, folders):
+            t0 = time.perf_counter()
+            name = _safe(folder.name)
+            dest = out / name
+            photos = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)[: args.max_photos]
+            ident = build_identity(enc, photos)
+            line = {"identity": name, "photos": len(photos), "used": len(ident.inliers)}
+            if not ident.inliers:
+                lines.append({**line, "ok": False, "error": "no usable face in the photos"})
+                continue
+            embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
+            adapter = eng.submit_predict(embs).result()
+            dest.mkdir(parents=True, exist_ok=True)
+            save_adapter(adapter, dest / "adapter.safetensors", "native")
+            save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers")
+            eng.cache_put(name, adapter.to(eng.device))
+            n = args.num_images
+            futs = [
+                eng.submit_generate(name, params, [p] * n, [args.seed + i * n + k for k in range(n)])
+                for i, p in enumerate(prompts)
+            ]
+            images = []
+            for i, f in enumerate(futs):
+                for k, png in enumerate(encode_png(f.result().images)):
+                    atomic_write(dest / f"{i:03d}-{k}.png", png)
+                    images.append(f"{name}/{i:03d}-{k}.png")
+            line.update(
+                ok=True,
+                consistency=round(float(ident.consistency), 4),
+                images=images,
+                seconds=round(time.perf_counter() - t0, 3),
+                predictor_trained=state.predictor_trained,
+            )
+            atomic_write(
+                dest / "identity.json", json.dumps({**line, **ident.to_dict(embedding=False)}, indent=1).encode()
+            )
+            lines.append(line)
+    finally:
+        eng.stop()
+        state.storage.close()
+        shutil.rmtree(s.data_dir, ignore_errors=True)
+    return lines
+
+
+def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> list[dict]:
+    import ray
+
+    if args.ray_address == "local":
+        ray.init(num_cpus=max(1, args.ray_workers), include_dashboard=False)
+    else:
+        ray.init(address=args.ray_address)
+    try:
+        task = ray.remote(max_retries=2)(run_identities)
+        chunks = [todo[i :: args.ray_workers] for i in range(args.ray_workers)]
+        refs = [task.remote(args, c, prompts) for c in chunks if c]
+        return [line for part in ray.get(refs) for line in part]
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    faces, prompts_file, out = Path(args.faces), Path(args.prompts), Path(args.out)
+    if not faces.is_dir():
+        print(f"difflora batch: --faces {faces} is not a folder", file=sys.stderr)
+        return 2
+    if not prompts_file.is_file():
+        print(f"difflora batch: --prompts {prompts_file} is not a file", file=sys.stderr)
+        return 2
+    prompts = _read_prompts(prompts_file)
+    folders = _identity_dirs(faces)
+    if not prompts or not folders:
+        print(
+            f"difflora batch: need at least one prompt and one identity folder with photos in {faces}", file=sys.stderr
+        )
+        return 2
+    if args.num_images < 1 or args.ray_workers < 1:
+        print("difflora batch: --num-images and --ray-workers must be >= 1", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [str(d) for d in folders if not (out / _safe(d.name) / "identity.json").is_file()]
+    print(f"difflora batch: {len(folders)} identities ({len(folders) - len(todo)} done already), "
+          f"{len(prompts)} prompts", file=sys.stderr)  # fmt: skip
+    if not todo:
+        return 0
+    try:
+        lines = _run_ray(args, todo, prompts) if args.ray_address else run_identities(args, todo, prompts)
+    except (ValueError, OSError, RuntimeError) as e:
+        from .main import _one_line
+
+        print(f"difflora batch: {_one_line(e) if isinstance(e, ValueError) else e}", file=sys.stderr)
+        return 2
+    with open(out / "manifest.jsonl", "a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    bad = [ln["identity"] for ln in lines if not ln["ok"]]
+    print(f"difflora batch: {len(lines) - len(bad)} identities done, {len(bad)} failed{': ' if bad else ''}"
+          f"{', '.join(bad)}", file=sys.stderr)  # fmt: skip
+    return 1 if bad else 0

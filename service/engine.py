@@ -1,0 +1,339 @@
+"""The model worker: one thread per device owns the pipeline and the hypernet; everything else talks to it through a
+bounded queue of tasks and gets a ``concurrent.futures.Future`` back (await it with ``asyncio.wrap_future``).
+
+* Bounded: ``submit_*`` raises :class:`QueueFullError` (→ 429 + ``Retry-After``) when ``queue_size`` tasks wait.
+* Batching: generation tasks for the same identity with the same settings are merged into one pipeline call (up
+  to ``max_batch_images`` images); each image keeps its own CPU ``torch.Generator`` so a seed means the same
+  noise alone or in a batch. Hypernet predictions queued together run as one batch too.
+* Identity switches use ``weights.apply`` (merge from the cached originals, exact restore, no drift); the adapter
+  stays merged until another identity (or the base model) is needed. Predicted adapters live in an LRU cache.
+* Draining: :meth:`begin_drain` stops admitting (→ 503); :meth:`stop` lets queued work finish within a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from weights.adapter import Adapter
+from weights.apply import apply_adapter, restore
+
+from .metrics import Metrics
+
+log = logging.getLogger("difflora.engine")
+
+# allow-listed schedulers: name -> diffusers class name ("default" keeps the pipeline's own)
+SCHEDULERS: dict[str, str | None] = {
+    "default": None,
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+class QueueFullError(RuntimeError):
+    """The model queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the model queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is draining or stopped and admits no new work."""
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Settings shared by all images of one model call (prompts and seeds are per image)."""
+
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 5.0
+    adapter_scale: float = 1.0
+    width: int = 64
+    height: int = 64
+    scheduler: str = "default"
+
+
+@dataclass
+class _Task:
+    kind: str  # "generate" | "predict"
+    future: cf.Future
+    identity_id: str | None = None  # generate: None = base model
+    params: GenParams | None = None
+    prompts: list[str] = field(default_factory=list)  # one per image
+    seeds: list[int] = field(default_factory=list)  # one per image
+    embeddings: np.ndarray | None = None  # predict: (P, E)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def images(self) -> int:
+        return len(self.seeds) if self.kind == "generate" else 1
+
+
+@dataclass
+class GenOutput:
+    images: list  # PIL images, one per seed
+    seeds: list[int]
+    batch_images: int  # images in the model call this request was part of
+    model_seconds: float  # pipeline time of that call
+    queue_seconds: float  # time spent waiting in the queue
+
+
+class Engine:
+    """One model worker thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        predictor: Any,
+        *,
+        adapter_loader: Callable[[str], Adapter],
+        metrics: Metrics | None = None,
+        queue_size: int = 16,
+        batch_wait_s: float = 0.005,
+        max_batch_images: int = 8,
+        cache_size: int = 32,
+        predict_seed: int = 0,
+        threads: int = 0,
+    ) -> None:
+        self.pipe, self.predictor, self.adapter_loader = pipe, predictor, adapter_loader
+        self.metrics = metrics or Metrics()
+        self.queue_size, self.batch_wait_s, self.max_batch_images = queue_size, batch_wait_s, max_batch_images
+        self.cache_size, self.predict_seed, self.threads = cache_size, predict_seed, threads
+        self.device = pipe.unet.device
+        self._q: deque[_Task] = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._draining = False
+        self._stopping = False
+        self._cache: OrderedDict[str, Adapter] = OrderedDict()
+        self._applied: tuple[str, float] | None = None  # (identity id, scale) merged into the UNet now
+        self._schedulers: dict[str, Any] = {"default": pipe.scheduler}
+        self._avg_task_s = 1.0  # running mean of seconds per task, for Retry-After
+        self._thread = threading.Thread(target=self._run, name="difflora-model-worker", daemon=True)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Stop admitting new work (new submits raise EngineClosedError); queued work still runs."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain: wait up to ``timeout`` s for queued and running work, then stop the worker; whatever is still
+        queued fails with EngineClosedError."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while (self._q or self._busy) and time.monotonic() < deadline:
+                self._cv.wait(0.05)
+            self._stopping = True
+            left = list(self._q)
+            self._q.clear()
+            self._cv.notify_all()
+        for t in left:
+            t.future.set_exception(EngineClosedError("the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 5)
+
+    # ---- admission --------------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._q)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room, roughly (at least 1)."""
+        return max(1, math.ceil(self._avg_task_s * max(1, len(self._q)) / 2))
+
+    def _submit(self, task: _Task) -> cf.Future:
+        with self._cv:
+            if self._draining or self._stopping:
+                raise EngineClosedError("the server is shutting down")
+            if len(self._q) >= self.queue_size:
+                self.metrics.rejected.inc()
+                raise QueueFullError(self.retry_after())
+            self._q.append(task)
+            self.metrics.queue_depth.set(len(self._q))
+            self._cv.notify()
+        return task.future
+
+    def submit_generate(
+        self, identity_id: str | None, params: GenParams, prompts: list[str], seeds: list[int]
+    ) -> cf.Future:
+        """Future of a :class:`GenOutput` with one image per (prompt, seed)."""
+        if len(prompts) != len(seeds) or not seeds:
+            raise ValueError("need one prompt per seed (at least one)")
+        if params.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {params.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        return self._submit(_Task("generate", cf.Future(), identity_id, params, list(prompts), list(seeds)))
+
+    def submit_predict(self, embeddings: np.ndarray) -> cf.Future:
+        """Future of the predicted :class:`Adapter` for one identity's (P, E) photo embeddings."""
+        return self._submit(_Task("predict", cf.Future(), embeddings=np.asarray(embeddings, dtype=np.float32)))
+
+    # ---- adapter cache ----------------------------------------------------------------------------------------
+    def cache_put(self, identity_id: str, adapter: Adapter) -> None:
+        with self._cv:
+            self._cache[identity_id] = adapter
+            self._cache.move_to_end(identity_id)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def forget(self, identity_id: str) -> None:
+        """Drop an identity from the cache (after it was deleted)."""
+        with self._cv:
+            self._cache.pop(identity_id, None)
+
+    def cached(self) -> list[str]:
+        return list(self._cache)
+
+    def _adapter(self, identity_id: str) -> Adapter:
+        with self._cv:
+            a = self._cache.get(identity_id)
+            if a is not None:
+                self._cache.move_to_end(identity_id)
+        if a is not None:
+            self.metrics.cache.labels("hit").inc()
+            return a
+        self.metrics.cache.labels("miss").inc()
+        a = self.adapter_loader(identity_id).to(self.device)
+        self.cache_put(identity_id, a)
+        return a
+
+    # ---- worker -----------------------------------------------------------------------------------------------
+    def _take(self) -> list[_Task] | None:
+        """Block for the next task and gather the compatible tasks queued behind it (same kind/identity/params)."""
+        with self._cv:
+            while not self._q and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            first = self._q.popleft()
+            self._busy = True
+        if self.batch_wait_s > 0 and first.kind == "generate" and first.images < self.max_batch_images:
+            time.sleep(self.batch_wait_s)
+        with self._cv:
+            batch, n = [first], first.images
+            for t in list(self._q):
+                fits = t.kind == first.kind and (
+                    t.kind == "predict"
+                    or (t.identity_id == first.identity_id and t.params == first.params
+                        and n + t.images <= self.max_batch_images)
+                )  # fmt: skip
+                if fits:
+                    self._q.remove(t)
+                    batch.append(t)
+                    n += t.images
+            self.metrics.queue_depth.set(len(self._q))
+        return batch
+
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # OpenMP thread counts are per calling thread: set it here
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            live = [t for t in batch if t.future.set_running_or_notify_cancel()]
+            t0 = time.perf_counter()
+            try:
+                if live:
+                    if live[0].kind == "predict":
+                        self._run_predict(live)
+                    else:
+                        self._run_generate(live)
+            except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
+                log.exception("model call failed")
+                for t in live:
+                    if not t.future.done():
+                        t.future.set_exception(e)
+            finally:
+                dt = (time.perf_counter() - t0) / max(1, len(batch))
+                self._avg_task_s = 0.8 * self._avg_task_s + 0.2 * dt
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    @torch.inference_mode()
+    def _run_predict(self, tasks: list[_Task]) -> None:
+        t0 = time.perf_counter()
+        adapters = self.predictor.predict_batch([t.embeddings for t in tasks], seed=self.predict_seed)
+        self.metrics.predict_seconds.observe(time.perf_counter() - t0)
+        for t, a in zip(tasks, adapters):
+            t.future.set_result(a)
+
+    def _set_adapter(self, identity_id: str | None, scale: float) -> None:
+        want = None if identity_id is None or scale == 0 else (identity_id, float(scale))
+        if want == self._applied:
+            return
+        t0 = time.perf_counter()
+        if want is None:
+            restore(self.pipe.unet)
+        else:
+            apply_adapter(self.pipe.unet, self._adapter(identity_id), scale)
+        self._applied = want
+        self.metrics.apply_seconds.observe(time.perf_counter() - t0)
+
+    def _scheduler(self, name: str) -> Any:
+        s = self._schedulers.get(name)
+        if s is None:
+            import diffusers
+
+            s = getattr(diffusers, SCHEDULERS[name]).from_config(self._schedulers["default"].config)
+            self._schedulers[name] = s
+        return s
+
+    @torch.inference_mode()
+    def _run_generate(self, tasks: list[_Task]) -> None:
+        p = tasks[0].params
+        try:
+            self._set_adapter(tasks[0].identity_id, p.adapter_scale)
+        except Exception:
+            self._applied = None  # apply restores the model on failure
+            raise
+        prompts = [s for t in tasks for s in t.prompts]
+        seeds = [s for t in tasks for s in t.seeds]
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.pipe.scheduler = self._scheduler(p.scheduler)
+        t0 = time.perf_counter()
+        out = self.pipe(
+            prompt=prompts,
+            negative_prompt=[p.negative_prompt] * len(prompts) if p.negative_prompt else None,
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            width=p.width,
+            height=p.height,
+            generator=gens,
+            output_type="pil",
+        )
+        dt = time.perf_counter() - t0
+        self.metrics.generate_seconds.observe(dt)
+        self.metrics.step_seconds.observe(dt / p.steps)
+        self.metrics.batch_images.observe(len(seeds))
+        now, i = time.perf_counter(), 0
+        for t in tasks:
+            n = len(t.seeds)
+            t.future.set_result(GenOutput(out.images[i : i + n], t.seeds, len(seeds), dt, now - dt - t.enqueued))
+            i += n

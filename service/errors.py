@@ -1,0 +1,75 @@
+"""One error shape everywhere: ``{"error": {"code": ..., "message": ...}}``; 500s are generic (no traceback)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("difflora.service")
+
+_DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "queue_full",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with a stable machine-readable ``code``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict | None = None, details: list | None = None
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code, self.details = code, details
+
+
+def error_body(code: str, message: str, details: list | None = None) -> dict:
+    err: dict = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None, details=None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+
+
+def _loc(loc) -> str:
+    return ".".join(str(x) for x in loc if x not in ("body",)) or "body"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, "error")
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return error_response(exc.status_code, code, msg, getattr(exc, "headers", None), getattr(exc, "details", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
+        first = details[0] if details else {"field": "body", "message": "invalid request"}
+        msg = f"{first['field']}: {first['message']}"
+        if len(details) > 1:
+            msg += f" (and {len(details) - 1} more)"
+        return error_response(422, "invalid_request", msg, details=details)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal server error")

@@ -1,0 +1,107 @@
+"""Pure-ASGI guard in front of the app: request metrics, API key (constant-time), body-size cap (413) — all
+before Starlette parses a byte of the body (it reads whole multipart bodies before any handler runs)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from .errors import ApiError, error_body
+from .metrics import Metrics
+
+PUBLIC_PATHS = ("/healthz", "/readyz")  # never need the API key
+WEB_PATHS = ("/", "/static/")  # the web page and its assets (no data; the page asks for the key itself)
+
+
+class BodyTooLargeError(ApiError):
+    """Raised from ``receive`` once the streamed body passes the cap (an HTTP error, so FastAPI's body parsing
+    passes it through instead of turning it into a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "payload_too_large", f"request body is larger than the {limit} byte limit")
+
+
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": data})
+
+
+class GuardMiddleware:
+    def __init__(self, app, *, max_body_bytes: int, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.max_body, self.metrics = app, max_body_bytes, metrics
+        self.api_key = api_key.encode() if api_key else None
+
+    def _needs_key(self, path: str) -> bool:
+        if self.api_key is None or path in PUBLIC_PATHS:
+            return False
+        return not (path == "/" or path.startswith("/static/"))
+
+    def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key")
+        if given is None:
+            auth = headers.get(b"authorization", b"")
+            if auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+        # compare_digest on equal-type bytes: time does not depend on where the strings differ
+        return given is not None and hmac.compare_digest(given, self.api_key)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = {"status": 500, "started": False}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_wrapper, state)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or ("unmatched" if state["status"] in (401, 404, 413) else "other")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, label, str(state["status"])).inc()
+            self.metrics.latency.labels(method, label).observe(time.perf_counter() - t0)
+
+    async def _guarded(self, scope, receive, send, state) -> None:
+        headers = dict(scope.get("headers") or [])
+        if self._needs_key(scope["path"]) and not self._key_ok(headers):
+            await _send_json(
+                send, 401, error_body("unauthorized", "missing or invalid API key (send it as X-API-Key)"),
+                [(b"www-authenticate", b'ApiKey header="X-API-Key"')],
+            )  # fmt: skip
+            return
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                await _send_json(send, 400, error_body("bad_request", "invalid Content-Length header"))
+                return
+            if int(cl) > self.max_body:
+                await _send_json(send, 413, error_body("payload_too_large", self._too_large_msg()))
+                return
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLargeError(self.max_body)
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLargeError:
+            if state["started"]:
+                raise
+            await _send_json(send, 413, error_body("payload_too_large", self._too_large_msg()))
+
+    def _too_large_msg(self) -> str:
+        return f"request body is larger than the {self.max_body} byte limit"

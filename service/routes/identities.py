@@ -1,0 +1,256 @@
+"""``/v1/identities``: photos → face embeddings → predicted adapter (stored); read, delete, download the adapter."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+import zipfile
+from typing import Annotated, Literal
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi.responses import FileResponse, Response
+
+from ..deps import EngineDep, StateDep, submit, wait_for
+from ..errors import ApiError
+from ..schemas import ErrorResponse, IdentityPublic, PhotoPublic
+from ..state import ServiceState
+from ..storage import IdentityRecord, atomic_write, new_id
+
+router = APIRouter(prefix="/v1/identities", tags=["identities"])
+
+ERRORS = {
+    401: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
+_EXT = {b"\xff\xd8\xff": "jpg", b"\x89PNG": "png", b"RIFF": "webp"}
+FACE_SIZE = 128  # side of the stored aligned face crops
+
+
+def _clean_name(name: str | None) -> str:
+    """A client file name for display only: basename, printable, at most 80 characters."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    return re.sub(r"[^\w .()+-]", "_", base)[:80]
+
+
+def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
+    """Decode + embed every photo and build the identity (worker thread; the face models are CPU code)."""
+    from pipeline_data.faces.identity import build_identity
+    from pipeline_data.images import ImageDecodeError, decode_image
+
+    s, enc = state.settings, state.encoder
+    rgbs: list[np.ndarray | None] = []
+    results: list = []
+    for data in datas:
+        try:
+            rgbs.append(decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_body_bytes))
+            results.append(None)
+        except ImageDecodeError as e:
+            rgbs.append(None)
+            results.append(e)
+    ok = [i for i, r in enumerate(rgbs) if r is not None]
+    for i, r in zip(ok, enc.embed_many([rgbs[i] for i in ok], errors="return")):
+        results[i] = r
+    ident = build_identity(enc, [b""] * len(datas), names=names, results=results)
+    chips = {i: enc.align(rgbs[i], ident.photos[i].result.face, size=FACE_SIZE) for i in ident.inliers}
+    return ident, chips
+
+
+def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str]) -> list[dict]:
+    rows = []
+    for i, p in enumerate(ident.photos):
+        row = {"index": i, "filename": filenames[i], "accepted": p.ok and not p.outlier}
+        if p.ok:
+            row.update(
+                num_faces=p.result.num_faces,
+                face_box=[round(float(v), 1) for v in p.result.face.box],
+                similarity=None if p.mean_similarity is None else round(p.mean_similarity, 4),
+            )
+        if not p.ok:
+            row.update(code=p.error_code or "invalid_image", reason=p.error)
+        elif p.outlier:
+            row.update(code="outlier", reason=p.reason)
+        elif p.result.warnings:
+            row["reason"] = "; ".join(p.result.warnings)
+        if identity_id and i in chips:
+            row["face_url"] = f"/v1/identities/{identity_id}/faces/{i}.png"
+        rows.append(row)
+    return rows
+
+
+def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, datas: list[bytes]) -> None:
+    from PIL import Image
+
+    from weights.formats.native import save_native
+
+    staged = state.storage.staging_dir()
+    try:
+        save_native(adapter, staged / "adapter.safetensors")
+        for i, chip in chips.items():
+            buf = io.BytesIO()
+            Image.fromarray(chip).save(buf, format="PNG")
+            atomic_write(staged / f"face-{i}.png", buf.getvalue())
+            ext = _EXT.get(datas[i][:4], _EXT.get(datas[i][:3], "img"))
+            atomic_write(staged / f"photo-{i}.{ext}", datas[i])
+        state.storage.add_identity(rec, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@router.post(
+    "", status_code=201, response_model=IdentityPublic, responses=ERRORS,
+    summary="Create an identity from 1-10 face photos (multipart field `photos`)",
+)  # fmt: skip
+async def create_identity(
+    state: StateDep,
+    engine: EngineDep,
+    photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
+    name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
+) -> IdentityPublic:
+    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
+    s = state.settings
+    if not photos:
+        raise ApiError(422, "no_photos", "send at least one photo in the multipart field 'photos'")
+    if len(photos) > s.max_photos:
+        raise ApiError(422, "too_many_photos", f"at most {s.max_photos} photos per identity, got {len(photos)}")
+    t0 = time.perf_counter()
+    datas = [await f.read() for f in photos]
+    filenames = [_clean_name(f.filename) for f in photos]
+    ident, chips = await anyio.to_thread.run_sync(_embed, state, datas, [f"photo[{i}]" for i in range(len(datas))])
+    t_faces = time.perf_counter() - t0
+    state.metrics.face_seconds.observe(t_faces)
+    if not ident.inliers:
+        raise ApiError(
+            422, "no_usable_face", "none of the photos gave a usable face",
+            details=_photo_rows(ident, chips, None, filenames),
+        )  # fmt: skip
+    embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers]).astype(np.float32)  # (P, E)
+    t1 = time.perf_counter()
+    adapter = await wait_for(submit(engine.submit_predict, embs))
+    t_pred = time.perf_counter() - t1
+    identity_id = new_id("idt")
+    rows = _photo_rows(ident, chips, identity_id, filenames)
+    spec = adapter.spec
+    info = {
+        "photos": rows,
+        "consistency": round(float(ident.consistency), 4),
+        "consistent": bool(ident.consistent),
+        "warnings": list(ident.warnings),
+        "face_backend": ident.backend,
+        "adapter": {
+            "method": spec.method, "rank": spec.rank, "layers": len(spec.layers), "parameters": adapter.num_params(),
+            "base_model": spec.base_model, "spec_hash": spec.hash(),
+        },
+        "predictor_trained": state.predictor_trained,
+        "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
+    }  # fmt: skip
+    rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
+    t2 = time.perf_counter()
+    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, datas)
+    engine.cache_put(identity_id, adapter.to(engine.device))
+    info["seconds"].update(store=round(time.perf_counter() - t2, 4), total=round(time.perf_counter() - t0, 4))
+    return _public(rec)
+
+
+def _public(rec: IdentityRecord) -> IdentityPublic:
+    info = rec.info
+    photos = [PhotoPublic(**p) for p in info["photos"]]
+    used = sum(p.accepted for p in photos)
+    return IdentityPublic(
+        id=rec.id, name=rec.name, created=rec.created, photos=photos, photos_used=used,
+        photos_rejected=len(photos) - used, consistency=info["consistency"], consistent=info["consistent"],
+        warnings=info["warnings"], face_backend=info["face_backend"], adapter=info["adapter"],
+        predictor_trained=info["predictor_trained"], seconds=info.get("seconds", {}),
+    )  # fmt: skip
+
+
+def _get(state: ServiceState, identity_id: str) -> IdentityRecord:
+    rec = state.storage.get_identity(identity_id)
+    if rec is None:
+        raise ApiError(404, "not_found", f"identity {identity_id[:64]!r} not found")
+    return rec
+
+
+@router.get("/{identity_id}", response_model=IdentityPublic, responses=ERRORS)
+async def get_identity(identity_id: str, state: StateDep) -> IdentityPublic:
+    """An identity: its photos (used / rejected and why), consistency and adapter summary."""
+    return _public(_get(state, identity_id))
+
+
+@router.delete("/{identity_id}", status_code=204, responses=ERRORS)
+async def delete_identity(identity_id: str, state: StateDep) -> Response:
+    """Delete an identity, its photos and its adapter."""
+    if not await anyio.to_thread.run_sync(state.storage.delete_identity, identity_id):
+        raise ApiError(404, "not_found", f"identity {identity_id[:64]!r} not found")
+    if state.engine is not None:
+        state.engine.forget(identity_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{identity_id}/faces/{index}.png", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+    response_class=FileResponse,
+)  # fmt: skip
+async def get_face(identity_id: str, index: Annotated[int, Path(ge=0, le=1000)], state: StateDep) -> FileResponse:
+    """The aligned face crop of an accepted photo."""
+    _get(state, identity_id)
+    path = state.storage.identity_dir(identity_id) / f"face-{index}.png"
+    if index < 0 or not path.is_file():
+        raise ApiError(404, "not_found", f"no face crop {index} for this identity")
+    return FileResponse(path, media_type="image/png")
+
+
+def _export(state: ServiceState, identity_id: str, fmt: str) -> tuple[bytes, str, str]:
+    from weights.formats.native import load_native
+    from weights.io import save_adapter
+
+    path = state.storage.adapter_path(identity_id)
+    if fmt == "native":
+        return path.read_bytes(), "application/octet-stream", "safetensors"
+    adapter = load_native(path)
+    staged = state.storage.staging_dir()
+    try:
+        if fmt == "diffusers":
+            save_adapter(adapter, staged / "pytorch_lora_weights.safetensors", "diffusers")
+            return (
+                (staged / "pytorch_lora_weights.safetensors").read_bytes(),
+                "application/octet-stream",
+                "safetensors",
+            )
+        if fmt == "kohya":
+            save_adapter(adapter, staged / "k.safetensors", "kohya", arch=state.kohya_arch,
+                         layers_per_block=state.layers_per_block)  # fmt: skip
+            return (staged / "k.safetensors").read_bytes(), "application/octet-stream", "safetensors"
+        save_adapter(adapter, staged / "peft", "peft")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted((staged / "peft").iterdir()):
+                z.write(f, f.name)
+        return buf.getvalue(), "application/zip", "zip"
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@router.get(
+    "/{identity_id}/adapter",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}, "application/zip": {}}}},
+    response_class=Response,
+)  # fmt: skip
+async def download_adapter(
+    identity_id: str,
+    state: StateDep,
+    format: Annotated[Literal["diffusers", "kohya", "peft", "native"], Query(description="file format")] = "diffusers",
+) -> Response:
+    """The predicted adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (A1111/ComfyUI), peft (a zip
+    with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method)."""
+    _get(state, identity_id)
+    data, media, ext = await anyio.to_thread.run_sync(_export, state, identity_id, format)
+    fname = f"{identity_id}-{format}.{ext}"
+    return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{fname}"'})

@@ -1,0 +1,111 @@
+"""Service settings: one pydantic-settings class, every option also from a ``DIFFLORA_*`` environment variable.
+
+>>> Settings(preset="tiny", port=8001)          # explicit values win over the environment
+>>> DIFFLORA_QUEUE_SIZE=32 difflora serve        # environment
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_HYPERNET = REPO_ROOT / "assets" / "tiny" / "hypernet"  # committed tiny predictor checkpoint (when present)
+
+# preset -> (default image side, largest side allowed, default steps)
+PRESET_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 256, 20),
+    "sd15": (512, 1024, 30),
+    "sdxl": (1024, 1536, 30),
+}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything ``difflora serve`` can be told (env prefix ``DIFFLORA_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFLORA_", extra="ignore", validate_default=True)
+
+    # --- models ---
+    preset: Literal["tiny", "sd15", "sdxl"] = "tiny"  # base-model preset
+    model_path: str | None = None  # local diffusers folder overriding the preset's base model
+    hypernet_path: str | None = None  # predictor checkpoint dir (default: assets/tiny/hypernet for tiny)
+    untrained_hypernet: bool = False  # use a fresh, untrained hypernet (adapters are no-ops): development only
+    face_backend: Literal["dlib", "insightface"] = "dlib"  # face encoder backend
+    face_model_dir: str | None = None  # insightface model pack directory
+    device: str = "cpu"  # torch device of the model worker ("cpu", "cuda", "cuda:1")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    threads: int = Field(0, ge=0, le=256)  # torch CPU threads of the worker (0: torch's default)
+    warmup: bool = True  # run one generation before reporting ready
+    predict_seed: int = Field(0, ge=0)  # hypernet sampling seed (same photos -> same adapter)
+    # --- storage ---
+    data_dir: Path = Path("difflora-data")  # SQLite database + files (identities, adapters, results)
+    # --- network / security ---
+    host: str = "127.0.0.1"  # bind address
+    port: int = Field(8000, ge=0, le=65535)  # bind port (0: any free port)
+    api_key: SecretStr | None = None  # when set, every endpoint but health and the web page needs X-API-Key
+    allow_insecure_bind: bool = False  # allow binding beyond loopback without an API key
+    cors_origins: list[str] = Field(default_factory=list)  # CORS allow-list; empty = CORS off
+    # --- engine ---
+    queue_size: int = Field(16, ge=1, le=10_000)  # queued model requests before 429
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # how long the worker waits to grow a same-identity batch
+    max_batch_images: int = Field(8, ge=1, le=64)  # images per model call
+    cache_size: int = Field(32, ge=1, le=10_000)  # predicted adapters kept in memory (LRU)
+    drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long to let queued work finish
+    # --- request limits ---
+    max_photos: int = Field(10, ge=1, le=100)  # photos per identity
+    max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # request body cap (413), checked before parsing
+    max_image_pixels: int = Field(40_000_000, ge=1)  # per photo, from the header, before decoding
+    max_steps: int = Field(100, ge=1, le=1000)  # denoising steps per generation
+    max_size: int | None = Field(None, ge=8)  # largest width/height (default: per preset)
+    max_num_images: int = Field(4, ge=1, le=64)  # images per generation request
+    max_job_items: int = Field(1000, ge=1)  # identities x prompts per batch job
+    default_steps: int | None = Field(None, ge=1)  # default: per preset
+    default_size: int | None = Field(None, ge=8)  # default: per preset
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not is_loopback(self.host) and self.api_key is None and not self.allow_insecure_bind:
+            raise ValueError(
+                f"refusing to bind {self.host!r} (beyond loopback) without an API key: set DIFFLORA_API_KEY "
+                "or allow it explicitly with --allow-insecure-bind / DIFFLORA_ALLOW_INSECURE_BIND=1"
+            )
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < 8:
+            raise ValueError("api_key must be at least 8 characters")
+        size, top, steps = PRESET_SIZES[self.preset]
+        if self.max_size is None:
+            self.max_size = top
+        if self.default_size is None:
+            self.default_size = min(size, self.max_size)
+        if self.default_steps is None:
+            self.default_steps = min(steps, self.max_steps)
+        if self.default_size > self.max_size or self.default_steps > self.max_steps:
+            raise ValueError("default_size/default_steps exceed max_size/max_steps")
+        return self
+
+    @property
+    def hypernet_dir(self) -> Path | None:
+        """The predictor checkpoint to load, or None (untrained fallback)."""
+        if self.untrained_hypernet:
+            return None
+        if self.hypernet_path:
+            return Path(self.hypernet_path)
+        return TINY_HYPERNET if self.preset == "tiny" else None
+
+    @property
+    def base_source(self) -> str:
+        """What ``pipeline_data.models.load_pipeline`` gets: a local folder or the preset name."""
+        return self.model_path or self.preset

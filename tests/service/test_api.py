@@ -1,0 +1,221 @@
+"""The HTTP API on a fully loaded app (real tiny pipeline, real dlib, real hypernet) through Starlette's TestClient."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.conftest import ALEX, OBAMA, STEPS, photo_files
+
+MISSING = "idt_" + "0" * 24
+
+
+def _err(r, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) >= {"error"} and set(body["error"]) >= {"code", "message"}, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    assert "Traceback" not in r.text and "/work/" not in r.text
+    return body["error"]
+
+
+def test_health_ready_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok", "details": {}}
+    d = client.get("/readyz").json()["details"]
+    assert d["face_backend"] == "dlib" and "warmup" in d["timings"]
+    client.post("/v1/generations", json={"prompt": "x", "seed": 1})
+    text = client.get("/metrics").text
+    for name in (
+        "difflora_http_requests_total",
+        "difflora_queue_depth",
+        "difflora_jobs",
+        "difflora_step_seconds",
+        "difflora_predict_seconds",
+        "difflora_apply_seconds",
+        "difflora_http_request_duration_seconds",
+    ):
+        assert name in text, name
+    assert 'route="/v1/generations"' in text
+
+
+def test_identity_created_and_readable(client, identity):
+    assert identity["id"].startswith("idt_") and identity["name"] == "obama"
+    assert identity["photos_used"] == 3 and identity["photos_rejected"] == 0
+    assert identity["consistent"] and identity["consistency"] > 0.9
+    assert identity["adapter"]["layers"] > 0 and identity["seconds"]["total"] > 0
+    got = client.get(f"/v1/identities/{identity['id']}").json()
+    assert got["photos"] == identity["photos"]
+    face = client.get(identity["photos"][0]["face_url"])
+    assert face.headers["content-type"] == "image/png" and Image.open(io.BytesIO(face.content)).size == (128, 128)
+
+
+def test_identity_reports_rejected_photos(client):
+    files = photo_files(OBAMA[:2] + ALEX[:1]) + [("photos", ("../../etc/passwd", b"hello", "image/jpeg"))]
+    body = client.post("/v1/identities", files=files).json()
+    rows = body["photos"]
+    assert [p["accepted"] for p in rows] == [True, True, False, False]
+    assert rows[2]["code"] == "outlier" and "similarity" in rows[2]["reason"]
+    assert rows[3]["code"] == "not_an_image" and rows[3]["filename"] == "passwd"
+    stored = {p.name for p in (client.app.state.svc.storage.identity_dir(body["id"])).iterdir()}
+    assert not any("passwd" in n for n in stored) and "adapter.safetensors" in stored
+
+
+def test_identity_without_any_face(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(buf, format="PNG")
+    err = _err(client.post("/v1/identities", files=[("photos", ("g.png", buf.getvalue(), "image/png"))]), 422,
+               "no_usable_face")  # fmt: skip
+    assert err["details"][0]["accepted"] is False and err["details"][0]["code"]
+
+
+@pytest.mark.parametrize(
+    "method,path,kw,status,code",
+    [
+        ("get", f"/v1/identities/{MISSING}", {}, 404, "not_found"),
+        ("get", "/v1/identities/..%2F..%2Fetc%2Fpasswd", {}, 404, "not_found"),
+        ("delete", f"/v1/identities/{MISSING}", {}, 404, "not_found"),
+        ("get", f"/v1/identities/{MISSING}/adapter", {}, 404, "not_found"),
+        ("post", "/v1/generations", {"json": {"prompt": ""}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "steps": 101}}, 422, "limit_exceeded"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "width": 63}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "width": 512}}, 422, "limit_exceeded"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "num_images": 5}}, 422, "limit_exceeded"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "scheduler": "evil"}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "seed": -1}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "bogus": 1}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "identity_id": MISSING}}, 404, "not_found"),
+        ("post", "/v1/generations", {"content": b"{", "headers": {"content-type": "application/json"}}, 422, None),
+        ("post", "/v1/jobs", {"json": {"identity_ids": [MISSING], "prompts": ["x"]}}, 404, "not_found"),
+        ("post", "/v1/jobs", {"json": {"identity_ids": [], "prompts": ["x"]}}, 422, "invalid_request"),
+        ("get", "/v1/jobs/job_nope", {}, 404, "not_found"),
+        ("get", "/nope", {}, 404, "not_found"),
+        ("put", "/v1/generations", {}, 405, "method_not_allowed"),
+        ("post", "/v1/identities", {"data": {"name": "x"}}, 422, "invalid_request"),
+        ("post", "/v1/identities", {"files": photo_files(OBAMA[:1] * 11)}, 422, "too_many_photos"),
+    ],
+)
+def test_errors(client, method, path, kw, status, code):
+    _err(getattr(client, method)(path, **kw), status, code)
+
+
+def test_adapter_format_is_validated(client, identity):
+    _err(client.get(f"/v1/identities/{identity['id']}/adapter", params={"format": "ckpt"}), 422, "invalid_request")
+
+
+def test_generate_png_is_deterministic_and_json_returns_seeds(client, identity):
+    req = {"identity_id": identity["id"], "prompt": "a photo of sks person", "seed": 7}
+    a = client.post("/v1/generations", json=req, headers={"Accept": "image/png"})
+    b = client.post("/v1/generations", json=req, headers={"Accept": "image/png"})
+    assert a.status_code == 200 and a.headers["content-type"] == "image/png" and a.headers["x-seed"] == "7"
+    assert a.content == b.content
+    j = client.post("/v1/generations", json={**req, "num_images": 2}).json()
+    assert [im["seed"] for im in j["images"]] == [7, 8] and j["info"]["steps"] == STEPS
+    batched = np.asarray(Image.open(io.BytesIO(base64.b64decode(j["images"][0]["png_base64"]))), np.int16)
+    alone = np.asarray(Image.open(io.BytesIO(a.content)), np.int16)
+    assert np.abs(batched - alone).mean() < 1.0  # image 0 of a batch = the same seed alone (up to batched rounding)
+    r = client.post("/v1/generations", json={"prompt": "x"}).json()
+    assert isinstance(r["seed"], int) and r["info"]["identity_id"] is None
+    _err(client.post("/v1/generations", json={**req, "num_images": 2}, headers={"Accept": "image/png"}), 406)
+
+
+def test_adapter_scale_zero_is_the_base_model(client, identity):
+    """Scale 0 restores the exact original weights: same bytes as a base-model request (after an identity ran)."""
+    req = {"prompt": "a photo of a person", "seed": 3}
+    client.post("/v1/generations", json={**req, "identity_id": identity["id"]})
+    zero = client.post("/v1/generations", json={**req, "identity_id": identity["id"], "adapter_scale": 0},
+                       headers={"Accept": "image/png"})  # fmt: skip
+    base = client.post("/v1/generations", json=req, headers={"Accept": "image/png"})
+    assert zero.content == base.content
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft", "native"])
+def test_adapter_download(client, identity, fmt, tmp_path):
+    from weights.io import load_any
+
+    r = client.get(f"/v1/identities/{identity['id']}/adapter", params={"format": fmt})
+    assert r.status_code == 200 and identity["id"] in r.headers["content-disposition"]
+    if fmt == "peft":
+        with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+            assert sorted(z.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+            z.extractall(tmp_path / "peft")
+        path = tmp_path / "peft"
+    else:
+        path = tmp_path / f"a-{fmt}.safetensors"
+        path.write_bytes(r.content)
+    adapter = load_any(path)
+    assert len(adapter.spec.layers) == identity["adapter"]["layers"]
+
+
+def test_jobs_idempotency_and_results(client, identity):
+    req = {"identity_ids": [identity["id"]], "prompts": ["a", "b"], "num_images": 2, "seed": 5}
+    hdr = {"Idempotency-Key": "test-key-1"}
+    first = client.post("/v1/jobs", json=req, headers=hdr)
+    assert first.status_code == 202 and first.json()["total"] == 2
+    again = client.post("/v1/jobs", json=req, headers=hdr)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    _err(client.post("/v1/jobs", json={**req, "seed": 6}, headers=hdr), 409, "idempotency_mismatch")
+    jid = first.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "succeeded" and job["done"] == 2 and job["progress"] == 1.0
+    res = client.get(f"/v1/jobs/{jid}/results").json()["results"]
+    seeds = [im["seed"] for it in res for im in it["images"]]
+    assert seeds == [5, 6, 7, 8]
+    png = client.get(res[1]["images"][0]["url"])
+    assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    assert client.delete(f"/v1/jobs/{jid}").json()["status"] == "succeeded"  # finished jobs stay finished
+
+
+def test_cancel_job(client, identity):
+    req = {"identity_ids": [identity["id"]], "prompts": [f"p{i}" for i in range(30)]}
+    jid = client.post("/v1/jobs", json=req).json()["id"]
+    assert client.delete(f"/v1/jobs/{jid}").json()["status"] == "canceled"
+    time.sleep(0.5)
+    job = client.get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "canceled" and job["done"] < 30
+
+
+def test_delete_identity(client):
+    ident = client.post("/v1/identities", files=photo_files(OBAMA[3:4])).json()
+    iid = ident["id"]
+    assert client.post("/v1/generations", json={"identity_id": iid, "prompt": "x"}).status_code == 200
+    assert client.delete(f"/v1/identities/{iid}").status_code == 204
+    _err(client.get(f"/v1/identities/{iid}"), 404, "not_found")
+    _err(client.post("/v1/generations", json={"identity_id": iid, "prompt": "x"}), 404, "not_found")
+    assert iid not in client.app.state.svc.engine.cached()
+
+
+def test_openapi_and_web_page(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/identities", "/v1/generations", "/v1/jobs", "/v1/jobs/{job_id}/results", "/readyz"):
+        assert path in spec["paths"], path
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_full_queue_is_429_with_retry_after(client):
+    from service.engine import GenParams
+
+    eng = client.app.state.svc.engine
+    busy = eng.submit_generate(None, GenParams(steps=15, width=64, height=64), ["busy"], [0])
+    time.sleep(0.2)  # the worker takes it
+    queued = [
+        eng.submit_generate(None, GenParams(steps=1, width=16, height=16), ["q"], [i]) for i in range(eng.queue_size)
+    ]
+    r = client.post("/v1/generations", json={"prompt": "x"})
+    err = _err(r, 429, "queue_full")
+    assert int(r.headers["retry-after"]) >= 1 and "queue" in err["message"]
+    for f in [busy, *queued]:
+        f.result(timeout=120)
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 200
+    assert "difflora_queue_rejected_total 1.0" in client.get("/metrics").text

@@ -1,0 +1,48 @@
+"""Settings from the environment and the bind-safety rule of ``difflora serve``."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.main import serve_main
+from service.settings import Settings
+
+
+def test_env_vars(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFLORA_QUEUE_SIZE", "7")
+    monkeypatch.setenv("DIFFLORA_PRESET", "sd15")
+    monkeypatch.setenv("DIFFLORA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DIFFLORA_CORS_ORIGINS", '["http://localhost:3000"]')
+    s = Settings()
+    assert (s.queue_size, s.preset, s.data_dir, s.cors_origins) == (7, "sd15", tmp_path, ["http://localhost:3000"])
+    assert (s.default_size, s.max_size, s.max_photos) == (512, 1024, 10)
+    assert Settings(queue_size=3).queue_size == 3  # explicit beats the environment
+
+
+@pytest.mark.parametrize(
+    "kw,ok",
+    [({"host": "127.0.0.1"}, True), ({"host": "::1"}, True), ({"host": "localhost"}, True),
+     ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "api_key": "long-enough-key"}, True),
+     ({"host": "0.0.0.0", "allow_insecure_bind": True}, True), ({"api_key": "short"}, False),
+     ({"queue_size": 0}, False), ({"default_steps": 500}, False)],
+)  # fmt: skip
+def test_validation(kw, ok):
+    if ok:
+        Settings(**kw)
+    else:
+        with pytest.raises(ValueError):
+            Settings(**kw)
+
+
+def test_serve_refuses_public_bind_without_key(capsys, monkeypatch):
+    monkeypatch.delenv("DIFFLORA_API_KEY", raising=False)
+    assert serve_main(["--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "API key" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_serve_exits_when_the_models_cannot_load(tmp_path, capsys):
+    rc = serve_main(["--model-path", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), "--port", "0",
+                     "--log-level", "error"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "failed to load" in err and "missing" in err and "Traceback" not in err
