@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="only the first N eval identities")
     e.add_argument("--sample-steps", type=int, default=None, help="hypernet DDIM steps (default: checkpoint's)")
     e.add_argument("--cfg-scale", type=float, default=1.0, help="hypernet classifier-free guidance scale")
+    e.add_argument("--mlp-epochs", type=int, default=300, help="training epochs of the regression-MLP baseline")
     return p
 
 
@@ -68,7 +69,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, write_results
 
     steps = args.sample_steps or load_config(args.checkpoint).train.sample_steps
-    cfg = EvalConfig(seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale)
+    cfg = EvalConfig(
+        seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs
+    )
     res = evaluate(args.dataset, args.checkpoint, cfg)
     write_results(res, args.out)
     rows = {**res["baselines"], "hypernet": res["hypernet"]}

@@ -58,7 +58,7 @@ def test_hypernet_eval_cli(tiny_dataset: Path, checkpoint: Path, tmp_path: Path,
     (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "quality.json"
     rc = main(["eval", "--dataset", str(ds), "--checkpoint", str(checkpoint), "--out", str(out), "--seeds", "1",
-               "--sample-steps", "2"])  # fmt: skip
+               "--sample-steps", "2", "--mlp-epochs", "3"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
     assert res["n_identities"] == 1 and set(res["baselines"]) == {"base", "mean", "nearest", "mlp", "oracle"}

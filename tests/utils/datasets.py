@@ -21,5 +21,5 @@ def tiny_base() -> str:
 def build_config(**kw):
     from pipeline_data.recipe import BuildConfig
 
-    base = {"base": tiny_base(), "steps": 12, "batch_size": 4, "check_identities": 0, "threads": 1}
+    base = {"base": tiny_base(), "steps": 12, "batch_size": 4, "check_identities": 0, "threads": 0}
     return BuildConfig(**{**base, **kw})
