@@ -24,30 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline_data.models import SD15_UNET_CONFIG  # noqa: E402
 from weights import Adapter, AdapterSpec, apply_adapter, restore, to_diffusers  # noqa: E402
 from weights.adapter import layer_key  # noqa: E402
 from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 from weights.spec import LayerInfo, match_targets  # noqa: E402
 
-SD15_UNET_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_RATIO = 0.25  # ours / diffusers
 

@@ -12,6 +12,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO_ROOT / "assets" / "tiny" / "base"
 
 
+# Stable Diffusion 1.5's public UNet config (unet/config.json): builds the real-size UNet with random weights
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A preset's weights are not available locally (and no hub access was allowed)."""
 

@@ -53,7 +53,7 @@ def words() -> list[str]:
     return list(seen)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map."""
     bs = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -88,7 +88,7 @@ def build_vocab_and_merges(extra_words: list[str] | None = None) -> tuple[dict[s
     tok.train_from_iterator([w for w in corpus for _ in range(2)], trainer)
     merges_raw = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges_raw]
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     vocab_list = base + [b + "</w>" for b in base]
     seen = set(vocab_list)
     for m in merges:

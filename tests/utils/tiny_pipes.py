@@ -14,23 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline_data.tiny.tokenizer import bytes_to_unicode
+
 TEXT_DIM = 32  # hidden size of each tiny CLIP text encoder
 VOCAB_SIZE = 1000  # text encoder vocabulary size (>= the tokenizer's vocabulary)
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable stand-ins for bytes used by CLIP's byte-level BPE."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 _MERGES = ["t h", "th e</w>", "a n", "an d</w>", "o f</w>", "p h", "ph o", "pho t", "phot o</w>", "o f"]
@@ -42,7 +29,7 @@ def tiny_tokenizer(directory: str | Path | None = None):
 
     d = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="tiny_tok_"))
     d.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     for m in _MERGES:
         tok = m.replace(" ", "")
