@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,26 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench._server import free_port, tiny_world  # noqa: E402
+
 KEY = "bench-reliability-key"
 RSS_BOUND_MB = 400  # allowed peak-RSS rise over the ready server: a decoded 14000^2 bomb alone would be ~560 MiB
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _world(tmp: Path) -> dict:
-    from pipeline_data.models import TINY_BASE
-    from service.settings import TINY_HYPERNET
-
-    if (TINY_BASE / "model_index.json").is_file():
-        return {"model_path": str(TINY_BASE), "untrained_hypernet": not (TINY_HYPERNET / "config.json").is_file()}
-    from tests.utils.tiny_pipes import tiny_sd15_pipe
-
-    tiny_sd15_pipe().save_pretrained(tmp / "base")
-    return {"model_path": str(tmp / "base"), "untrained_hypernet": True}
 
 
 def _mem_mb(pid: int) -> dict:
@@ -58,7 +42,7 @@ def _mem_mb(pid: int) -> dict:
 def _start(tmp: Path, world: dict, log) -> tuple[subprocess.Popen, str]:
     from tests.reliability.corpus import MAX_BODY, MAX_PHOTOS
 
-    port = _port()
+    port = free_port()
     env = {
         **os.environ, "PYTHONPATH": str(REPO), "DIFFLORA_THREADS": "1", "DIFFLORA_DEFAULT_STEPS": "3",
         "DIFFLORA_MODEL_PATH": world["model_path"], "DIFFLORA_UNTRAINED_HYPERNET": str(world["untrained_hypernet"]),
@@ -86,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     auth = {"X-API-Key": KEY}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        world = _world(tmp)
+        world = tiny_world(tmp)
         log = open(tmp / "server.log", "wb")  # noqa: SIM115
         proc, url = _start(tmp, world, log)
         http = httpx.Client(base_url=url, timeout=120)

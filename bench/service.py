@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -23,25 +22,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PHOTOS = Path("/work/shared/data/faces/photos")
 
+from bench._server import free_port, tiny_world  # noqa: E402
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _world(tmp: Path) -> dict:
-    from pipeline_data.models import TINY_BASE
-    from service.settings import TINY_HYPERNET
-
-    if (TINY_BASE / "model_index.json").is_file():
-        return {"model_path": str(TINY_BASE), "untrained_hypernet": not (TINY_HYPERNET / "config.json").is_file()}
-    from tests.utils.tiny_pipes import tiny_sd15_pipe
-
-    tiny_sd15_pipe().save_pretrained(tmp / "base")
-    return {"model_path": str(tmp / "base"), "untrained_hypernet": True}
+PHOTOS = REPO.parent / "shared" / "data" / "faces" / "photos"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # for the direct calls made from this thread
     tmp = Path(tempfile.mkdtemp(prefix="bench_service_"))
-    world = _world(tmp)
+    world = tiny_world(tmp)
     s = Settings(
         data_dir=tmp / "data",
         threads=args.threads,
@@ -77,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         **world,
     )
     app = create_app(s)
-    port = _port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

@@ -46,6 +46,7 @@ class AdapterMethod:
     frozen: ClassVar[tuple[str, ...]] = ()  # names of frozen tensors derived from W (rebuilt by init_layer)
     supports_conv: ClassVar[bool] = False  # may target Conv2d (via the matrix view)
     zero_init: ClassVar[bool] = True  # ΔW == 0 right after init_layer
+    rank_le_min_dim: ClassVar[bool] = False  # rank counts components of W itself (SVD / LU), so r <= min(m, n)
     multiplicative: ClassVar[bool] = False  # effective weight depends on W beyond W + ΔW(params)
     has_bias_delta: ClassVar[bool] = False  # also changes the layer bias when merged (ARC)
     conv_1x1_only: ClassVar[bool] = False  # with supports_conv: only 1x1 kernels (math exact only there)
@@ -89,6 +90,10 @@ class AdapterMethod:
                 raise ValueError(f"{self.name}: Conv2d weights {tuple(shape)} are not supported")
             if self.conv_1x1_only and tuple(shape[2:]) != (1, 1):
                 raise ValueError(f"{self.name}: only 1x1 Conv2d is supported, got kernel {tuple(shape[2:])}")
+        if self.rank_le_min_dim:
+            k = min(shape[0], int(torch.Size(shape[1:]).numel()))
+            if cfg.rank > k:
+                raise ValueError(f"{self.name}: rank {cfg.rank} exceeds min(m, n) = {k} for weight {tuple(shape)}")
 
     def forward(
         self, x: Tensor, W: Tensor, b: Tensor | None, p: dict[str, Tensor], cfg: MethodConfig, op: LayerOp

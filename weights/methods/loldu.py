@@ -25,12 +25,7 @@ class LoLDU(AdapterMethod):
     trainable: ClassVar[tuple[str, ...]] = ("z",)
     frozen: ClassVar[tuple[str, ...]] = ("z0", "L", "U", "perm")
     supports_conv: ClassVar[bool] = True
-
-    def check_shape(self, shape: tuple[int, ...], cfg: MethodConfig) -> None:
-        super().check_shape(shape, cfg)
-        k = min(shape[0], int(torch.Size(shape[1:]).numel()))
-        if cfg.rank > k:
-            raise ValueError(f"loldu: rank {cfg.rank} exceeds min(m, n) = {k} for weight {tuple(shape)}")
+    rank_le_min_dim: ClassVar[bool] = True
 
     def init_layer(self, W: Tensor, cfg: MethodConfig, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         self.check_shape(tuple(W.shape), cfg)
