@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from ..deps import EngineDep, StateDep, submit, wait_for
 from ..engine import GenParams
 from ..errors import ApiError
-from ..schemas import MAX_SEED, GenerateRequest, GenerateResponse, GenerationSettings
+from ..schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, GenerationSettings
 from ..settings import Settings
 from .identities import ERRORS
 
@@ -63,6 +63,7 @@ def _wants_png(request: Request) -> bool:
     response_model=GenerateResponse,
     responses={
         **ERRORS,
+        406: {"model": ErrorResponse, "description": "Accept: image/png with num_images > 1"},
         200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with Accept: image/png"},
     },
 )

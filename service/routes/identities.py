@@ -23,6 +23,7 @@ from ..storage import IdentityRecord, atomic_write, new_id
 router = APIRouter(prefix="/v1/identities", tags=["identities"])
 
 ERRORS = {
+    400: {"model": ErrorResponse},  # a body that is not JSON / UTF-8, or a bad Content-Length (middleware)
     401: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     413: {"model": ErrorResponse},

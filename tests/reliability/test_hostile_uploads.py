@@ -14,7 +14,8 @@ import pytest
 from tests.reliability.conftest import AUTH
 from tests.reliability.corpus import CASES, EVIL_NAMES, Case
 
-STORED = re.compile(r"^(adapter\.safetensors|face-\d+\.png|photo-\d+\.(jpg|png|webp|img))$")
+# server-generated names: adapter, aligned faces, stored photos, job results (<index:05d>-<k>.png)
+STORED = re.compile(r"^(adapter\.safetensors|face-\d+\.png|photo-\d+\.(jpg|png|webp|img)|\d{5}-\d+\.png)$")
 DATA_FILES = re.compile(r"^difflora\.sqlite3(-wal|-shm|-journal)?$")
 SERVER_PATH = re.compile(r"(/work/|/tmp/|/srv/|site-packages|Traceback|File \")")
 
