@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -24,3 +25,14 @@ def tiny_world(tmp: Path) -> dict:
 
     tiny_sd15_pipe().save_pretrained(tmp / "base")
     return {"model_path": str(tmp / "base"), "untrained_hypernet": True}
+
+
+def stop_server(proc: subprocess.Popen, log=None, timeout: float = 60) -> None:
+    """SIGTERM, wait for the drain, SIGKILL if it does not exit; close the log file."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if log is not None:
+        log.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._server import tiny_world  # noqa: E402
+from bench._server import stop_server, tiny_world  # noqa: E402
 from bench.reliability import KEY, _mem_mb, _start  # noqa: E402
 
 PHOTOS = Path("/work/shared/data/faces/photos")  # an identity from obama*.jpg, so fuzzed paths also hit real ids
@@ -82,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             mem_after = _mem_mb(proc.pid)
         finally:
             session.close()
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            stop_server(proc, log)
 
     result = {
         "tool": f"schemathesis {schemathesis.__version__ if hasattr(schemathesis, '__version__') else ''}".strip(),

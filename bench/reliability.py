@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._server import free_port, tiny_world  # noqa: E402
+from bench._server import free_port, stop_server, tiny_world  # noqa: E402
 
 KEY = "bench-reliability-key"
 RSS_BOUND_MB = 400  # allowed peak-RSS rise over the ready server: a decoded 14000^2 bomb alone would be ~560 MiB
@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             mem_after = _mem_mb(proc.pid)
         finally:
             http.close()
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            stop_server(proc, log)
 
     tried = len(CASES) * args.rounds
     result = {

@@ -56,12 +56,12 @@ def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
 
 
 def _identity_crops(rec: dict, encoder, size: int, padding: float) -> np.ndarray:
-    from pipeline_data.build import crop_face
+    from pipeline_data.tiny.crops import aligned_crop
 
     crops = []
     for name in rec["photos_used"]:
         rgb = encoder.load_rgb(str(Path(rec["source"]) / name))
-        crops.append(crop_face(encoder, rgb, encoder.embed(rgb).face, size, padding))
+        crops.append(aligned_crop(encoder, rgb, encoder.embed(rgb).face, size, padding))
     return np.stack(crops)
 
 

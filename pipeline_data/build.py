@@ -96,14 +96,6 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
-def crop_face(encoder, rgb: np.ndarray, face, size: int, padding: float) -> np.ndarray:
-    """Aligned crop as the tiny base was trained on: a 2x dlib chip box-filtered down to ``size``."""
-    from PIL import Image
-
-    chip = encoder.align(rgb, face, size=size * 2, padding=padding)
-    return np.asarray(Image.fromarray(chip).resize((size, size), Image.BOX))
-
-
 def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) -> dict:
     """Decode + embed the photos, drop inconsistent ones, reserve held-out photos, crop the rest.
 
@@ -111,6 +103,7 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
     ``_heldout_crops`` arrays that the caller strips before writing.
     """
     from .faces.identity import build_identity
+    from .tiny.crops import aligned_crop
 
     paths = _images_in(Path(src.path))[: cfg.max_photos]
     rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": src.path}
@@ -139,7 +132,7 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
     n_held = 2 if len(paths) >= 8 else 1
     order = sorted(inliers, key=lambda i: _rank(src.id, paths[i].name))
     held, train = sorted(order[:n_held]), sorted(order[n_held:])
-    crops = {i: crop_face(encoder, rgbs[i], ident.photos[i].result.face, size, cfg.crop_padding) for i in inliers}
+    crops = {i: aligned_crop(encoder, rgbs[i], ident.photos[i].result.face, size, cfg.crop_padding) for i in inliers}
     emb = {i: ident.photos[i].result.embedding for i in inliers}
     rec.update(
         status="ok",

@@ -144,8 +144,14 @@ def tiny_crop(rgb: np.ndarray, face=None, encoder=None) -> np.ndarray:
         if not faces:
             raise NoFaceError("no face found in the image")
         face = faces[0]
-    chip = enc.align(rgb, face, size=CROP_SIZE * CHIP_OVERSAMPLE, padding=CROP_PADDING)
-    return np.asarray(Image.fromarray(chip).resize((CROP_SIZE, CROP_SIZE), Image.BOX))
+    return aligned_crop(enc, rgb, face)
+
+
+def aligned_crop(encoder, rgb: np.ndarray, face, size: int = CROP_SIZE, padding: float = CROP_PADDING) -> np.ndarray:
+    """(size, size, 3) uint8: the encoder's aligned chip at ``CHIP_OVERSAMPLE`` x size, box-filtered down (the way
+    the tiny base's training crops were made)."""
+    chip = encoder.align(rgb, face, size=size * CHIP_OVERSAMPLE, padding=padding)
+    return np.asarray(Image.fromarray(chip).resize((size, size), Image.BOX))
 
 
 def crop_photo(
