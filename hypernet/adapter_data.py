@@ -60,9 +60,11 @@ def load_adapter_dataset(
     token_dim: int = 64,
     splits: Sequence[str] | None = None,
     min_gain: float | None = None,
+    canonicalize: bool = False,
 ) -> AdapterDataset:
     """Load every ok identity (optionally only ``splits``; optionally dropping identities whose identity-check
-    gain is below ``min_gain`` — identities without check figures are kept)."""
+    gain is below ``min_gain`` — identities without check figures are kept). Factors stay raw unless
+    ``canonicalize``: the build trains every identity from one seeded init, so raw factors share one gauge."""
     d = Path(directory)
     recs = [r for r in read_manifest(d) if r.get("status") == "ok"]
     if splits is not None:
@@ -78,7 +80,7 @@ def load_adapter_dataset(
     if bad:
         raise ValueError(f"{d}: adapters with another spec than the first: {bad[:5]}")
     _, template = split_template(adapters[0])
-    layout = TokenLayout.from_adapter(adapters[0], token_dim)
+    layout = TokenLayout.from_adapter(adapters[0], token_dim, canonicalize)
     tokens = torch.stack([adapter_to_tokens(a, layout) for a in adapters])  # (N, T, D)
     cond = [torch.tensor(r["embeddings"], dtype=torch.float32) for r in recs]  # (P_i, E) each
     data = HypernetDataset.from_tensors(

@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", type=Path, help="a `difflora data build` output directory")
     src.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic LoRA dataset (demo)")
     t.add_argument("--token-dim", type=int, default=64, help="values per adapter token (--dataset)")
+    t.add_argument(
+        "--canonicalize", action="store_true", help="SVD-canonicalise LoRA/DoRA factors (default: raw factors)"
+    )
     t.add_argument("--min-gain", type=float, default=None, help="drop identities whose identity-check gain is lower")
     t.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics, exported model)")
     t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model and training sizes")
@@ -44,8 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=8, help="generations per candidate and identity")
     e.add_argument("--limit", type=int, default=None, help="only the first N eval identities")
     e.add_argument("--sample-steps", type=int, default=None, help="hypernet DDIM steps (default: checkpoint's)")
-    e.add_argument("--cfg-scale", type=float, default=1.0, help="hypernet classifier-free guidance scale")
+    e.add_argument("--cfg-scale", type=float, default=None, help="hypernet CFG scale (default: checkpoint's)")
     e.add_argument("--mlp-epochs", type=int, default=300, help="training epochs of the regression-MLP baseline")
+    e.add_argument(
+        "--split", choices=("eval", "val"), default="eval", help="eval: the table; val: tune sampling options on"
+    )
+    e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
+    e.add_argument("--baselines", default="mean,nearest,mlp", help="comma-separated baselines to run ('' for none)")
     return p
 
 
@@ -58,7 +66,8 @@ def _train_dataset(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     res = train_on_dataset(
         args.dataset, args.out, preset=args.preset, token_dim=args.token_dim, overrides=overrides,
-        min_gain=args.min_gain, device=args.device, resume=not args.no_resume, progress=not args.no_progress,
+        min_gain=args.min_gain, canonicalize=args.canonicalize, device=args.device, resume=not args.no_resume,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(json.dumps(res, indent=2, sort_keys=True))
     return 0
@@ -70,8 +79,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     steps = args.sample_steps or load_config(args.checkpoint).train.sample_steps
     cfg = EvalConfig(
-        seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs
-    )
+        seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs,
+        split=args.split, samples=args.samples, baselines=tuple(b for b in args.baselines.split(",") if b),
+    )  # fmt: skip
     res = evaluate(args.dataset, args.checkpoint, cfg)
     write_results(res, args.out)
     rows = {**res["baselines"], "hypernet": res["hypernet"]}

@@ -87,13 +87,15 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     sample_steps: int = 50  # DDIM steps for the final held-out evaluation
-    cfg_scale: float = 1.0  # CFG scale for the final held-out evaluation
+    cfg_scale: float = 1.0  # CFG scale for the final held-out evaluation (and the predictor's default)
+    sample_count: int = 1  # DDIM samples averaged per prediction (>1: a posterior-mean estimate)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("batch_size", "max_cond_photos", "log_every", "eval_every", "ckpt_every", "sample_steps"):
+        positive = ("batch_size", "max_cond_photos", "log_every", "eval_every", "ckpt_every", "sample_steps")
+        for name in (*positive, "sample_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if self.ae_steps < 0 or self.dn_steps < 0:

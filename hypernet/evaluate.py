@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,20 @@ class EvalConfig:
     gen_steps: int = 20  # DDIM steps of the base model's generations
     guidance: float = 3.0  # CFG scale of the generations
     sample_steps: int = 50  # DDIM steps of the hypernet
-    cfg_scale: float = 1.0  # hypernet classifier-free guidance
+    cfg_scale: float | None = None  # hypernet classifier-free guidance (None: the checkpoint's default)
     timesteps: tuple[int, ...] = (50, 200, 400, 600, 800)  # function-fidelity timesteps
     limit: int | None = None  # evaluate only the first N eval identities
     mlp_epochs: int = 300  # regression-MLP baseline training epochs
+    split: str = "eval"  # identities evaluated: eval (the table) | val (tuning sampling options, never eval)
+    samples: int | None = None  # hypernet samples averaged per prediction (None: the checkpoint's default)
+    baselines: tuple[str, ...] = ("mean", "nearest", "mlp")  # baselines run besides base and oracle
+
+    def __post_init__(self) -> None:
+        if self.split not in ("eval", "val"):
+            raise ValueError(f"split must be 'eval' or 'val', got {self.split!r}")
+        unknown = set(self.baselines) - {"mean", "nearest", "mlp"}
+        if unknown:
+            raise ValueError(f"unknown baselines {sorted(unknown)}; choose from mean, nearest, mlp")
 
 
 def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
@@ -103,28 +113,38 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
 
     cfg = cfg or EvalConfig()
     predictor = Predictor.load(checkpoint_dir)
-    ds = load_adapter_dataset(dataset_dir, token_dim=predictor.layout.token_dim)
+    cfg = replace(  # record the sampling options actually used
+        cfg,
+        cfg_scale=predictor.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
+        samples=predictor.samples if cfg.samples is None else cfg.samples,
+    )
+    ds = load_adapter_dataset(
+        dataset_dir, token_dim=predictor.layout.token_dim, canonicalize=predictor.layout.canonicalize
+    )
     if ds.layout.spec_hash != predictor.layout.spec_hash:
         raise ValueError("the checkpoint was trained on adapters of another spec than this dataset's")
-    train_rows = [i for i, r in enumerate(ds.records) if r.get("split") in ("train", "val")]
-    eval_rows = [i for i, r in enumerate(ds.records) if r.get("split") == "eval"][: cfg.limit]
+    # baselines learn from what the hypernet learnt from: train+val for the table, train only when tuning on val
+    fit_splits = ("train", "val") if cfg.split == "eval" else ("train",)
+    train_rows = [i for i, r in enumerate(ds.records) if r.get("split") in fit_splits]
+    eval_rows = [i for i, r in enumerate(ds.records) if r.get("split") == cfg.split][: cfg.limit]
     if not eval_rows or not train_rows:
-        raise ValueError(f"need train and eval identities, got {len(train_rows)} and {len(eval_rows)}")
+        raise ValueError(f"need train and {cfg.split} identities, got {len(train_rows)} and {len(eval_rows)}")
     train = ds.data.subset(train_rows)
     conds = [ds.data.cond[i] for i in eval_rows]
     tokens: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    for name, model in (
-        ("mean", MeanAdapter()),
-        ("nearest", NearestNeighbour()),
-        ("mlp", RegressionMLP(MLPConfig(epochs=cfg.mlp_epochs))),
-    ):
-        model.fit(train)
+    models = {
+        "mean": MeanAdapter,
+        "nearest": NearestNeighbour,
+        "mlp": lambda: RegressionMLP(MLPConfig(epochs=cfg.mlp_epochs)),
+    }
+    for name in cfg.baselines:
+        model = models[name]().fit(train)
         t0 = time.perf_counter()
         tokens[name] = model.predict(conds)
         seconds[name] = (time.perf_counter() - t0) / len(conds)
     t0 = time.perf_counter()
-    hyper = predictor.predict_batch(conds, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
+    hyper = predictor.predict_batch(conds, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, samples=cfg.samples)
     seconds["hypernet"] = (time.perf_counter() - t0) / len(conds)
 
     pipe = load_pipeline(ds.recipe.get("base", "tiny"))
@@ -133,11 +153,13 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     seeds = list(range(cfg.seeds))
     caption = ds.recipe.get("caption", "a photo of sks person")
-    per: dict[str, dict[str, dict]] = {c: {} for c in CANDIDATES}
+    names = [c for c in CANDIDATES if c not in ("mean", "nearest", "mlp") or c in cfg.baselines]
+    per: dict[str, dict[str, dict]] = {c: {} for c in names}
+    base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
     for k, row in enumerate(eval_rows):
         rec = ds.records[row]
         cands: dict[str, Adapter | None] = {"base": None, "hypernet": hyper[k], "oracle": ds.adapter(row)}
-        cands.update({n: ds.adapter(row, tokens[n][k]) for n in ("mean", "nearest", "mlp")})
+        cands.update({n: ds.adapter(row, tokens[n][k]) for n in cfg.baselines})
         heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
         # function fidelity inputs: the identity's photos, fixed noise and timesteps
         g = torch.Generator().manual_seed(0)
@@ -151,11 +173,13 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         d_oracle = _delta_vector(pipe.unet, cands["oracle"])
         den = float(((eps["base"] - eps["oracle"]) ** 2).mean())
         for c, a in cands.items():
-            state = apply_adapter(pipe.unet, a) if a is not None else None
-            try:
-                imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
-            finally:
-                if state is not None:
+            if a is None:
+                imgs = base_imgs
+            else:
+                state = apply_adapter(pipe.unet, a)
+                try:
+                    imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
+                finally:
                     restore(pipe.unet, state)
             emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
             sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
@@ -182,7 +206,7 @@ def _tabulate(per: dict, seconds: dict, eval_rows: list[int], cfg: EvalConfig) -
     base = np.array([per["base"][i]["sim"] for i in ids])
     oracle_gain = np.array([per["oracle"][i]["sim"] for i in ids]) - base
     rows = {}
-    for c in CANDIDATES:
+    for c in per:
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
         rows[c] = {
             "identity_recovery": _ratio_summary(gain, oracle_gain)["mean"],
@@ -200,9 +224,10 @@ def _tabulate(per: dict, seconds: dict, eval_rows: list[int], cfg: EvalConfig) -
         "function_fidelity": h["function_fidelity"],
         "n_identities": len(ids),
         "hypernet": h,
-        "baselines": {c: rows[c] for c in CANDIDATES if c != "hypernet"},
+        "baselines": {c: rows[c] for c in rows if c != "hypernet"},
+        "split": cfg.split,
         "config": asdict(cfg),
-        "per_identity": {c: per[c] for c in CANDIDATES},
+        "per_identity": per,
     }
 
 

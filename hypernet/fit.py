@@ -27,6 +27,7 @@ def train_on_dataset(
     token_dim: int = 64,
     overrides: dict[str, Any] | None = None,
     min_gain: float | None = None,
+    canonicalize: bool = False,
     device: str = "auto",
     resume: bool = True,
     progress: bool = True,
@@ -35,7 +36,9 @@ def train_on_dataset(
     the predictor files (:mod:`hypernet.predict`) into ``out_dir``. Returns the final validation metrics."""
     from .train import train
 
-    ds = load_adapter_dataset(dataset_dir, token_dim=token_dim, splits=("train", "val"), min_gain=min_gain)
+    ds = load_adapter_dataset(
+        dataset_dir, token_dim=token_dim, splits=("train", "val"), min_gain=min_gain, canonicalize=canonicalize
+    )
     train_set = ds.split("train")
     try:
         val_set = ds.split("val")

@@ -57,8 +57,9 @@ class Predictor:
         template: Adapter,
         *,
         face_backend: str = "dlib",
-        steps: int = 50,
-        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        samples: int | None = None,
         trained: bool = True,
     ) -> None:
         if layout.spec_hash != spec.hash():
@@ -67,7 +68,11 @@ class Predictor:
         if (T, D) != (layout.num_tokens, layout.token_dim):
             raise ValueError(f"hypernet makes ({T}, {D}) tokens, the layout needs ({layout.num_tokens}, {D})")
         self.hypernet, self.layout, self.spec, self.template = hypernet, layout, spec, template
-        self.face_backend, self.steps, self.cfg_scale, self.trained = face_backend, steps, cfg_scale, trained
+        tc = hypernet.config.train  # sampling defaults: the ones the checkpoint was validated with
+        self.steps = tc.sample_steps if steps is None else steps
+        self.cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
+        self.samples = tc.sample_count if samples is None else samples
+        self.face_backend, self.trained = face_backend, trained
 
     @property
     def cond_dim(self) -> int:
@@ -116,10 +121,10 @@ class Predictor:
         inject_adapter(pipe.unet, spec, generator=torch.Generator().manual_seed(seed))
         init = remove_adapter(pipe.unet)
         trainable, template = split_template(init)
-        layout = TokenLayout.from_adapter(init, token_dim)
+        layout = TokenLayout.from_adapter(init, token_dim, canonicalize=False)
         cfg = PRESETS[preset]().for_data(layout.num_tokens, token_dim, len(layout.groups), cond_dim)
         model = HypernetModel(cfg)
-        raw = adapter_to_tokens(init, layout)  # (T, D) the init adapter, canonicalised
+        raw = adapter_to_tokens(init, layout)  # (T, D) the init adapter
         model.set_layout(layout.layer_ids, layout.mask)
         model.set_token_stats(raw, torch.zeros_like(raw), torch.ones(()))
         return cls(Hypernet(model), layout, init.spec, template, face_backend=face_backend, trained=False)
@@ -150,13 +155,14 @@ class Predictor:
 
     def predict_batch(
         self, identities: Sequence[np.ndarray | Tensor], *, seed: int = 0, steps: int | None = None,
-        cfg_scale: float | None = None,
+        cfg_scale: float | None = None, samples: int | None = None,
     ) -> list[Adapter]:  # fmt: skip
         """One adapter per identity (each a (P_i, E) array of its photos' embeddings), sampled as one batch."""
         conds = [self._cond(e) for e in identities]
         toks = self.hypernet.predict_tokens(
-            conds, steps=steps or self.steps, cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, seed=seed
-        )  # (B, T, D)
+            conds, steps=steps or self.steps, cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, seed=seed,
+            samples=self.samples if samples is None else samples,
+        )  # (B, T, D)  # fmt: skip
         return [tokens_to_adapter(t, self.layout, self.spec, self.template) for t in toks]
 
     def predict(self, embeddings: np.ndarray | Tensor, **kw) -> Adapter:

@@ -87,12 +87,23 @@ class Hypernet:
         eta: float = 0.0,
         seed: int = 0,
         batch_size: int = 256,
+        samples: int = 1,
     ) -> Tensor:
-        """B condition sets (P_i, E) -> raw adapter tokens (B, T, D) on the CPU (padded entries 0)."""
+        """B condition sets (P_i, E) -> raw adapter tokens (B, T, D) on the CPU (padded entries 0).
+
+        ``samples`` > 1 averages the decoded tokens of that many samples (seeds ``seed .. seed + samples - 1``):
+        an estimate of the posterior mean, which drops the photo-specific variation no face embedding predicts.
+        """
         if not cond_embeddings:
             raise ValueError("no condition sets given")
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
         out = []
         for i in range(0, len(cond_embeddings), batch_size):
-            zn = self.predict_latents(cond_embeddings[i : i + batch_size], steps, cfg_scale, eta, seed)
-            out.append(self.model.decode_raw(zn).float().cpu())  # (b, T, D)
+            acc = None
+            for j in range(samples):
+                zn = self.predict_latents(cond_embeddings[i : i + batch_size], steps, cfg_scale, eta, seed + j)
+                tok = self.model.decode_raw(zn).float().cpu()  # (b, T, D)
+                acc = tok if acc is None else acc + tok
+            out.append(acc / samples)
         return torch.cat(out)

@@ -226,11 +226,20 @@ def _declared_short(raw: bytes) -> bool:
     return False
 
 
+def _ends_complete(raw: bytes) -> bool:
+    """True when the data ends with its format's end marker (JPEG EOI), so it is complete: a segment that claims to
+    run past the end is then a damaged length field (corrupt), not a cut-off file (truncated)."""
+    return raw[:3] == b"\xff\xd8\xff" and raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def _load_error(e: BaseException, label: str, raw: bytes = b"") -> ImageDecodeError:
     msg = str(e)
     low = msg.lower()
     words = ("truncated", "broken data stream", "end of file", "eof", "not enough data", "buffer")
     if any(s in low for s in words) or _declared_short(raw):
+        if _ends_complete(raw):
+            return CorruptImageError(f"{label}: damaged image data (the file is complete but a segment or table "
+                                     f"runs past its end: {msg})")  # fmt: skip
         return TruncatedImageError(f"{label}: truncated image data ({msg})")
     return CorruptImageError(f"{label}: damaged image data ({msg})")
 

@@ -11,6 +11,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("difflora.service")
 
+try:  # python-multipart's cap on one part-header line (Starlette does not change it)
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE as _MULTIPART_HEADER_MAX
+except ImportError:  # pragma: no cover - older python-multipart
+    _MULTIPART_HEADER_MAX = 4224
+
 _DEFAULT_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -53,11 +58,36 @@ def _loc(loc) -> str:
     return ".".join(str(x) for x in loc if x not in ("body",)) or "body"
 
 
+def _multipart_reason(exc: BaseException) -> str | None:
+    """Starlette answers every multipart parse failure with "Invalid multipart data."; the parser's own reason
+    (python-multipart, chained below it) says what was wrong. None when ``exc`` is not such a failure."""
+    e: BaseException | None = exc
+    for _ in range(8):
+        e = e.__cause__ or e.__context__ if e is not None else None
+        if e is None:
+            return None
+        if type(e).__module__.startswith(("python_multipart", "multipart")):
+            break
+    else:
+        return None
+    why = str(e).strip()
+    if "header size" in why.lower():
+        return (
+            "file name too long: a multipart part header (Content-Disposition with the file name) may be at most "
+            f"{_MULTIPART_HEADER_MAX} bytes; send a shorter file name"
+        )
+    if "header count" in why.lower():
+        return "too many headers in one multipart part"
+    return f"invalid multipart body: {why[:200]}" if why else None
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, "error")
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and msg == "Invalid multipart data.":
+            msg = _multipart_reason(exc) or msg
         return error_response(exc.status_code, code, msg, getattr(exc, "headers", None), getattr(exc, "details", None))
 
     @app.exception_handler(RequestValidationError)

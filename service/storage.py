@@ -5,7 +5,8 @@ Layout of ``data_dir``::
     difflora.sqlite3                 the database (WAL mode)
     identities/<id>/adapter.safetensors   the predicted adapter (native format)
     identities/<id>/face-<k>.png     aligned face crops of the accepted photos
-    identities/<id>/photo-<k>.<ext>  the uploaded photos (server-generated names, never client names)
+    identities/<id>/photo-<k>.jpg    the accepted photos, re-encoded (EXIF orientation applied; no metadata,
+                                     nothing appended; server-generated names, never client names)
     results/<job id>/<item>-<k>.png  batch-job images (a deterministic name per result: re-running an item
                                      overwrites, never duplicates)
 

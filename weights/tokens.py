@@ -5,8 +5,10 @@ identity of one base model and stay in a *template* adapter, see :func:`split_te
 order) the trainable tensors (in ``method.trainable`` order) are flattened, concatenated and cut into tokens of
 ``token_dim`` values; the last token of a layer is zero-padded and ``mask`` marks the real values. Shared
 trainable tensors (ARC) form extra groups after the layers. Every token carries its group (layer) id and its
-position inside the group. LoRA/DoRA factors are canonicalised first (B = U√S, A = √S Vᵀ), removing the gauge
-freedom BA = (BR)(R⁻¹A). ``tokens_to_adapter(adapter_to_tokens(a))`` reproduces the (canonical) tensors exactly.
+position inside the group. Optionally (``TokenLayout.canonicalize``) LoRA/DoRA factors are canonicalised first
+(B = U√S, A = √S Vᵀ), removing the gauge freedom BA = (BR)(R⁻¹A) for adapters of unrelated inits; adapters
+trained from one seeded init share a gauge already and are better left raw (the hypernet datasets do).
+``tokens_to_adapter(adapter_to_tokens(a))`` reproduces the (canonical) tensors exactly.
 """
 
 from __future__ import annotations
@@ -43,9 +45,13 @@ class TokenLayout:
     group_sizes: list[int]  # real values per group
     entries: list[TokenEntry]  # trainable tensors in token order
     spec_hash: str  # AdapterSpec.hash() of the adapters this layout was made for
+    # canonicalise LoRA/DoRA factors before tokenising; off for datasets whose adapters share one seeded init
+    # (every identity starts from the same A, so the raw factors already live in one gauge, and averaging or
+    # regressing raw factors is near-linear in ΔW while per-identity SVD bases are not)
+    canonicalize: bool = True
 
     @classmethod
-    def from_adapter(cls, adapter: Adapter, token_dim: int) -> TokenLayout:
+    def from_adapter(cls, adapter: Adapter, token_dim: int, canonicalize: bool = True) -> TokenLayout:
         """The layout for adapters of this spec (tensor shapes are read from ``adapter``)."""
         from .methods import get_method
 
@@ -63,7 +69,7 @@ class TokenLayout:
             if keys:
                 _add_group(groups, entries, sizes, adapter, f"{SHARED}{SEP}{g}", keys)
         toks = [math.ceil(s / token_dim) for s in sizes]
-        return cls(token_dim, groups, toks, sizes, entries, spec.hash())
+        return cls(token_dim, groups, toks, sizes, entries, spec.hash(), canonicalize)
 
     @property
     def num_tokens(self) -> int:
@@ -102,13 +108,20 @@ class TokenLayout:
             "group_sizes": self.group_sizes,
             "entries": [[e.key, list(e.shape), e.group, e.offset] for e in self.entries],
             "spec_hash": self.spec_hash,
+            "canonicalize": self.canonicalize,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenLayout:
         entries = [TokenEntry(k, tuple(s), g, o) for k, s, g, o in d["entries"]]
         return cls(
-            d["token_dim"], list(d["groups"]), list(d["group_tokens"]), list(d["group_sizes"]), entries, d["spec_hash"]
+            d["token_dim"],
+            list(d["groups"]),
+            list(d["group_tokens"]),
+            list(d["group_sizes"]),
+            entries,
+            d["spec_hash"],
+            bool(d.get("canonicalize", True)),
         )
 
 
@@ -133,11 +146,12 @@ def _canonical(adapter: Adapter) -> Adapter:
     return adapter
 
 
-def adapter_to_tokens(adapter: Adapter, layout: TokenLayout, canonicalize: bool = True) -> Tensor:
-    """(T, D) fp32 tokens of the adapter's trainable tensors (LoRA/DoRA canonicalised first)."""
+def adapter_to_tokens(adapter: Adapter, layout: TokenLayout, canonicalize: bool | None = None) -> Tensor:
+    """(T, D) fp32 tokens of the adapter's trainable tensors (LoRA/DoRA canonicalised first when
+    ``canonicalize``, default: the layout's choice)."""
     if adapter.spec.hash() != layout.spec_hash:
         raise ValueError("adapter spec does not match the token layout (different method, rank or layers)")
-    if canonicalize:
+    if layout.canonicalize if canonicalize is None else canonicalize:
         adapter = _canonical(adapter)
     D = layout.token_dim
     flat_groups: list[list[Tensor]] = [[] for _ in layout.groups]

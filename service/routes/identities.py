@@ -31,8 +31,8 @@ ERRORS = {
     429: {"model": ErrorResponse},
     503: {"model": ErrorResponse},
 }
-_EXT = {b"\xff\xd8\xff": "jpg", b"\x89PNG": "png", b"RIFF": "webp"}
 FACE_SIZE = 128  # side of the stored aligned face crops
+PHOTO_QUALITY = 95  # JPEG quality of the stored (re-encoded) photos
 
 
 def _clean_name(name: str | None) -> str:
@@ -41,8 +41,20 @@ def _clean_name(name: str | None) -> str:
     return re.sub(r"[^\w .()+-]", "_", base)[:80]
 
 
+def reencode_photo(rgb: np.ndarray) -> bytes:
+    """A decoded photo ``(H, W, 3)`` (EXIF orientation already applied) as a fresh JPEG: no EXIF/GPS/XMP/ICC
+    metadata, no comment, nothing appended after the image (what is stored is never the client's bytes)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=PHOTO_QUALITY)
+    return buf.getvalue()
+
+
 def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
-    """Decode + embed every photo and build the identity (worker thread; the face models are CPU code)."""
+    """Decode + embed every photo and build the identity (worker thread; the face models are CPU code).
+
+    Returns ``(identity, aligned face chips, re-encoded photos)``, the last two keyed by inlier index."""
     from pipeline_data.faces.identity import build_identity
     from pipeline_data.images import ImageDecodeError, decode_image
 
@@ -61,7 +73,8 @@ def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
         results[i] = r
     ident = build_identity(enc, [b""] * len(datas), names=names, results=results)
     chips = {i: enc.align(rgbs[i], ident.photos[i].result.face, size=FACE_SIZE) for i in ident.inliers}
-    return ident, chips
+    clean = {i: reencode_photo(rgbs[i]) for i in ident.inliers}
+    return ident, chips, clean
 
 
 def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str]) -> list[dict]:
@@ -86,7 +99,7 @@ def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str
     return rows
 
 
-def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, datas: list[bytes]) -> None:
+def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photos: dict[int, bytes]) -> None:
     from PIL import Image
 
     from weights.formats.native import save_native
@@ -98,8 +111,7 @@ def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, datas
             buf = io.BytesIO()
             Image.fromarray(chip).save(buf, format="PNG")
             atomic_write(staged / f"face-{i}.png", buf.getvalue())
-            ext = _EXT.get(datas[i][:4], _EXT.get(datas[i][:3], "img"))
-            atomic_write(staged / f"photo-{i}.{ext}", datas[i])
+            atomic_write(staged / f"photo-{i}.jpg", photos[i])
         state.storage.add_identity(rec, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -124,7 +136,10 @@ async def create_identity(
     t0 = time.perf_counter()
     datas = [await f.read() for f in photos]
     filenames = [_clean_name(f.filename) for f in photos]
-    ident, chips = await anyio.to_thread.run_sync(_embed, state, datas, [f"photo[{i}]" for i in range(len(datas))])
+    ident, chips, clean = await anyio.to_thread.run_sync(
+        _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))]
+    )
+    del datas  # the client's bytes are never stored
     t_faces = time.perf_counter() - t0
     state.metrics.face_seconds.observe(t_faces)
     if not ident.inliers:
@@ -154,7 +169,7 @@ async def create_identity(
     }  # fmt: skip
     rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
     t2 = time.perf_counter()
-    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, datas)
+    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, clean)
     engine.cache_put(identity_id, adapter.to(engine.device))
     info["seconds"].update(store=round(time.perf_counter() - t2, 4), total=round(time.perf_counter() - t0, 4))
     return _public(rec)

@@ -92,3 +92,11 @@ def test_cfg_scale_changes_the_prediction(hypernet, conds):
 def test_predict_tokens_rejects_wrong_embedding_dim(hypernet):
     with pytest.raises(ValueError, match="condition sets"):
         hypernet.predict_tokens([torch.zeros(2, 7)])
+
+
+def test_samples_average_the_seeds_predictions(hypernet, conds):
+    one = [hypernet.predict_tokens(conds, steps=4, seed=s) for s in (5, 6, 7)]
+    avg = hypernet.predict_tokens(conds, steps=4, seed=5, samples=3)
+    torch.testing.assert_close(avg, (one[0] + one[1] + one[2]) / 3, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="samples"):
+        hypernet.predict_tokens(conds, steps=4, samples=0)

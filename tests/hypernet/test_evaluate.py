@@ -52,6 +52,27 @@ def test_eval_table_definitions(eval_setup, tmp_path: Path) -> None:
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
+def test_eval_on_the_val_split_with_chosen_baselines(eval_setup, tmp_path: Path) -> None:
+    src, ckpt = eval_setup
+    ds = tmp_path / "ds"
+    shutil.copytree(src, ds)
+    lines = [json.loads(x) for x in (ds / "manifest.jsonl").read_text().splitlines()]
+    for r in lines:  # the former eval identity becomes the only val identity
+        r["split"] = "val" if r["split"] == "eval" else r["split"]
+    (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = EvalConfig(
+        seeds=1, gen_steps=3, sample_steps=3, timesteps=(300,), split="val", baselines=("mean",), samples=2
+    )
+    res = evaluate(ds, ckpt, cfg)
+    assert res["split"] == "val" and res["n_identities"] == 1
+    assert set(res["baselines"]) == {"base", "mean", "oracle"}
+    assert res["config"]["samples"] == 2 and res["config"]["cfg_scale"] == 1.0  # the checkpoint's default
+    with pytest.raises(ValueError, match="split"):
+        EvalConfig(split="test")
+    with pytest.raises(ValueError, match="baselines"):
+        EvalConfig(baselines=("knn",))
+
+
 def test_eval_refuses_dataset_without_eval_split(tiny_dataset: Path, eval_setup) -> None:
     _, ckpt = eval_setup
     with pytest.raises(ValueError, match="need train and eval identities"):

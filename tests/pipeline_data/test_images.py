@@ -66,6 +66,22 @@ def jpeg_declaring(w: int, h: int) -> bytes:
     return bytes(raw)
 
 
+def jpeg_destroyed_dqt() -> bytes:
+    """A complete JPEG (ends with EOI) whose first quantisation table, length field included, is overwritten."""
+    raw = bytearray(_save(_noise(), "JPEG", quality=90))
+    i = raw.index(b"\xff\xdb")
+    raw[i + 2 : i + 40] = b"\xff" * 38
+    return bytes(raw)
+
+
+def jpeg_damaged_scan() -> bytes:
+    """A complete JPEG whose SOS header claims to run past the end of the file."""
+    raw = bytearray(_save(_noise(), "JPEG", quality=90))
+    i = raw.index(b"\xff\xda")
+    raw[i + 2 : i + 4] = b"\xff\xf0"
+    return bytes(raw)
+
+
 def exif_rotated_jpeg(orientation: int = 6) -> bytes:
     """A 40x20 (landscape) JPEG, red on its left half, tagged with an EXIF orientation."""
     a = np.zeros((20, 40, 3), np.uint8)
@@ -153,6 +169,8 @@ REFUSED = [
     ("truncated_png", lambda: _save(_noise(), "PNG")[:6000], {}, "truncated"),
     ("truncated_webp", lambda: _save(_noise(), "WEBP")[:3000], {}, "truncated"),
     ("header_only_png", lambda: png_declaring(64, 64), {}, "truncated"),
+    ("jpeg_destroyed_quant_table", jpeg_destroyed_dqt, {}, "corrupt"),
+    ("jpeg_damaged_scan_complete_file", jpeg_damaged_scan, {}, "corrupt"),
     ("animated_gif", lambda: animated("GIF"), {}, "unsupported_format"),
     ("animated_gif_allowed", lambda: animated("GIF"), {"allow_formats": (*DEFAULT_FORMATS, "GIF")}, "animated"),
     ("animated_png", lambda: animated("PNG"), {}, "animated"),

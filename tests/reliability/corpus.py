@@ -250,7 +250,7 @@ CASES: list[Case] = [
     refused("truncated_png", lambda: face_png()[: len(face_png()) // 2], "truncated", filename="p.png"),
     refused("jpeg_magic_only", lambda: b"\xff\xd8\xff", "corrupt"),
     refused("png_bad_crc", png_bad_crc, "corrupt", filename="p.png"),
-    refused("jpeg_corrupt_tables", jpeg_corrupt_header, "truncated"),
+    refused("jpeg_corrupt_tables", jpeg_corrupt_header, "corrupt"),
     refused("png_magic_then_html", lambda: b"\x89PNG\r\n\x1a\n<html>hi</html>", "corrupt", filename="p.png"),
     # --- resource bombs and huge declared sizes
     refused("png_decompression_bomb_14k", png_bomb, "too_large", filename="bomb.png"),
@@ -296,7 +296,7 @@ CASES: list[Case] = [
         one(face_jpeg, filename="x" * 5000 + ".jpg"),
         400,
         "bad_request",
-        notes="the multipart parser refuses the over-long part header",
+        notes="the multipart parser refuses the over-long part header; the message says the file name is too long",
     ),  # fmt: skip
     Case("too_many_files", lambda: _many(MAX_PHOTOS + 1), 422, "too_many_photos"),
     Case("no_files", lambda: {"data": {"name": "x"}}, 422, "invalid_request"),

@@ -58,6 +58,12 @@ def test_layout_ids_and_chunking(unet):
     for g, n in enumerate(layout.group_tokens):
         assert torch.equal(pos[ids == g], torch.arange(n))
     assert TokenLayout.from_dict(layout.to_dict()) == layout
+    raw = TokenLayout.from_adapter(ad, D, canonicalize=False)
+    assert TokenLayout.from_dict(raw.to_dict()) == raw and not raw.canonicalize
+    old = {k: v for k, v in layout.to_dict().items() if k != "canonicalize"}  # files written before the option
+    assert TokenLayout.from_dict(old).canonicalize
+    assert torch.equal(adapter_to_tokens(ad, raw), adapter_to_tokens(ad, layout, canonicalize=False))
+    assert not torch.equal(adapter_to_tokens(ad, raw), adapter_to_tokens(ad, layout))
     other = make_adapter(unet, "lora", 2, targets=["to_q", "to_k"], seed=2)
     with pytest.raises(ValueError, match="does not match"):
         adapter_to_tokens(other, layout)
