@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dn-steps", type=int, help="override the preset's denoiser steps")
     t.add_argument("--batch-size", type=int, help="override the preset's batch size")
     t.add_argument("--seed", type=int, default=0, help="training seed (model init, batches, noise)")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="settings",
+        help="override any preset field, e.g. --set autoencoder.latent_tokens=8 --set train.cfg_scale=2",
+    )  # fmt: skip
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: the preset's, auto)")
     t.add_argument("--no-resume", action="store_true", help="start over (deletes earlier checkpoints in --out)")
@@ -66,8 +70,8 @@ def _train_dataset(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     res = train_on_dataset(
         args.dataset, args.out, preset=args.preset, token_dim=args.token_dim, overrides=overrides,
-        min_gain=args.min_gain, canonicalize=args.canonicalize, device=args.device, resume=not args.no_resume,
-        progress=not args.no_progress,
+        min_gain=args.min_gain, canonicalize=args.canonicalize, settings=args.settings, device=args.device,
+        resume=not args.no_resume, progress=not args.no_progress,
     )  # fmt: skip
     print(json.dumps(res, indent=2, sort_keys=True))
     return 0
@@ -104,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     from .synthetic import SyntheticConfig, make_synthetic
     from .train import train
 
-    cfg = get_preset(args.preset)
+    cfg = get_preset(args.preset).with_overrides(args.settings)
     overrides = {"seed": args.seed}
     for key in ("ae_steps", "dn_steps", "batch_size", "amp"):
         if getattr(args, key) is not None:

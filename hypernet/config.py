@@ -130,10 +130,34 @@ class HypernetConfig:
             train=TrainConfig(**d.get("train", {})),
         )
 
+    def with_overrides(self, items: list[str] | dict[str, Any]) -> HypernetConfig:
+        """A copy with ``section.field=value`` overrides (values parsed as JSON, else kept as strings)."""
+        d = self.to_dict()
+        pairs = items.items() if isinstance(items, dict) else [_split_override(s) for s in items]
+        for key, value in pairs:
+            section, _, name = key.partition(".")
+            if section not in d or name not in d[section]:
+                fields_ = sorted(f"{sec}.{f}" for sec in d for f in d[sec])
+                raise ValueError(f"unknown hypernet setting {key!r}; one of: {', '.join(fields_)}")
+            d[section][name] = value
+        return HypernetConfig.from_dict(d)
+
     def for_data(self, num_tokens: int, token_dim: int, num_layers: int, cond_dim: int) -> HypernetConfig:
         """A copy with the data-dependent sizes set."""
         ae = replace(self.autoencoder, num_tokens=num_tokens, token_dim=token_dim, num_layers=num_layers)
         return replace(self, autoencoder=ae, denoiser=replace(self.denoiser, cond_dim=cond_dim))
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    import json
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected SECTION.FIELD=VALUE, got {item!r}")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
 
 
 def _check_heads(hidden: int, heads: int, where: str) -> None:

@@ -26,6 +26,7 @@ def train_on_dataset(
     preset: str = "tiny",
     token_dim: int = 64,
     overrides: dict[str, Any] | None = None,
+    settings: list[str] | None = None,
     min_gain: float | None = None,
     canonicalize: bool = False,
     device: str = "auto",
@@ -33,7 +34,10 @@ def train_on_dataset(
     progress: bool = True,
 ) -> dict:
     """Train on the dataset's ``train`` identities (``val`` for validation; ``eval`` is never touched) and write
-    the predictor files (:mod:`hypernet.predict`) into ``out_dir``. Returns the final validation metrics."""
+    the predictor files (:mod:`hypernet.predict`) into ``out_dir``. Returns the final validation metrics.
+
+    ``overrides`` replace fields of the preset's train section; ``settings`` are ``section.field=value`` strings
+    for any section (e.g. ``autoencoder.latent_tokens=8``)."""
     from .train import train
 
     ds = load_adapter_dataset(
@@ -44,9 +48,8 @@ def train_on_dataset(
         val_set = ds.split("val")
     except ValueError:
         val_set = None
-    cfg: HypernetConfig = get_preset(preset).for_data(
-        ds.data.num_tokens, ds.data.token_dim, ds.data.num_layers, ds.data.cond_dim
-    )
+    base = get_preset(preset).with_overrides(settings or [])
+    cfg: HypernetConfig = base.for_data(ds.data.num_tokens, ds.data.token_dim, ds.data.num_layers, ds.data.cond_dim)
     if overrides:
         cfg = replace(cfg, train=replace(cfg.train, **overrides))
     out = Path(out_dir)

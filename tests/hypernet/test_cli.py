@@ -12,8 +12,11 @@ from hypernet.cli import main
 def test_train_synthetic_demo_run(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--synthetic", "--out", str(out), "--ae-steps", "4", "--dn-steps", "4", "--batch-size", "8",
-            "--num-identities", "40", "--mlp-steps", "5", "--no-progress", "--device", "cpu"]  # fmt: skip
+            "--num-identities", "40", "--mlp-steps", "5", "--no-progress", "--device", "cpu",
+            "--set", "autoencoder.latent_tokens=3", "--set", "train.sample_count=2"]  # fmt: skip
     assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["autoencoder"]["latent_tokens"] == 3 and saved["train"]["sample_count"] == 2
     table = json.loads((out / "synthetic_eval.json").read_text())
     assert set(table) == {"hypernet", "mean", "nearest", "mlp"}
     assert "hypernet" in capsys.readouterr().out
@@ -33,6 +36,18 @@ def test_train_synthetic_demo_run(tmp_path, capsys):
 def test_bad_arguments_return_nonzero(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("autoencoder.latent_toks=8", "unknown hypernet setting"), ("latent_tokens", "SECTION.FIELD=VALUE"),
+     ("denoiser.schedule=\"square\"", "schedule"), ("train.sample_count=0", "sample_count")],
+)  # fmt: skip
+def test_bad_settings_are_named(tmp_path, capsys, setting, message):
+    argv = ["train", "--synthetic", "--out", str(tmp_path), "--set", setting, "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_library_errors_are_one_line(tmp_path, capsys):
