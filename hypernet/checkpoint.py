@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -74,4 +75,10 @@ def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hypernet weights file not found: {str(path)!r}")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:  # say why (a pickle, truncated, ...) rather than safetensors' header message
+        from weights.safetensors_io import read_header
+
+        read_header(path, allow_int=True)
+        raise ValueError(f"{str(path)!r}: not a readable safetensors file ({e})") from None

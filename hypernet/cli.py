@@ -58,7 +58,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
     e.add_argument("--baselines", default="mean,nearest,mlp", help="comma-separated baselines to run ('' for none)")
+    u = sub.add_parser("tune", help="choose CFG scale and samples averaged on the dataset's val identities")
+    u.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
+    u.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (updated in place)")
+    u.add_argument("--cfg-scales", default="1,2,4", help="comma-separated CFG scales to try")
+    u.add_argument("--samples", default="1,8", help="comma-separated sample counts to try")
+    u.add_argument("--limit", type=int, default=16, help="val identities used")
+    u.add_argument("--seeds", type=int, default=4, help="generations per option and identity")
     return p
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import tune_sampling
+
+    try:
+        scales = tuple(float(x) for x in args.cfg_scales.split(",") if x)
+        samples = tuple(int(x) for x in args.samples.split(",") if x)
+    except ValueError as e:
+        raise ValueError(f"--cfg-scales/--samples must be comma-separated numbers ({e})") from None
+    res = tune_sampling(
+        args.dataset, args.checkpoint, cfg_scales=scales, samples=samples, limit=args.limit, seeds=args.seeds
+    )
+    for s in res["scores"]:
+        print(f"cfg {s['cfg_scale']:<5} samples {s['samples']:<3} identity recovery {s['identity_recovery']:+.3f}")
+    c = res["chosen"]
+    print(f"chosen: cfg {c['cfg_scale']}, samples {c['samples']} (written to {args.checkpoint}/config.json)")
+    return 0
 
 
 def _train_dataset(args: argparse.Namespace) -> int:
@@ -152,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train_dataset(args) if args.dataset else _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "tune":
+            return _tune(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"difflora hypernet {args.command}: {e}", file=sys.stderr)
         return 2

@@ -77,3 +77,28 @@ def test_eval_refuses_dataset_without_eval_split(tiny_dataset: Path, eval_setup)
     _, ckpt = eval_setup
     with pytest.raises(ValueError, match="need train and eval identities"):
         evaluate(tiny_dataset, ckpt, EvalConfig(seeds=1))
+
+
+def test_tune_writes_the_chosen_sampling_options(eval_setup, tmp_path: Path, capsys) -> None:
+    from hypernet.checkpoint import load_config
+    from hypernet.cli import main
+
+    src, ckpt_src = eval_setup
+    ds, ckpt = tmp_path / "ds", tmp_path / "ckpt"
+    shutil.copytree(src, ds)
+    shutil.copytree(ckpt_src, ckpt)
+    lines = [json.loads(x) for x in (ds / "manifest.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["split"] = "val" if r["split"] == "eval" else r["split"]
+    (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    argv = ["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--cfg-scales", "1,3", "--samples", "1,2",
+            "--seeds", "1", "--limit", "1"]  # fmt: skip
+    assert main(argv) == 0
+    tuning = json.loads((ckpt / "tuning.json").read_text())
+    assert len(tuning["scores"]) == 4 and tuning["split"] == "val"
+    # the untrained hypernet predicts ΔW = 0 for every option: a tie, so the cheapest option wins
+    assert (tuning["chosen"]["cfg_scale"], tuning["chosen"]["samples"]) == (1.0, 1)
+    assert load_config(ckpt).train.sample_count == 1
+    assert Predictor.load(ckpt).cfg_scale == 1.0
+    assert main(["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--samples", "x"]) == 2
+    assert "--samples" in capsys.readouterr().err
