@@ -112,13 +112,14 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
         return {**rec, "status": "skipped", "reason": f"{len(paths)} photos < min_photos {cfg.min_photos}"}
     rgbs, results = [], []
     for p in paths:
+        rgb, res = None, None
         try:
             rgb = encoder.load_rgb(str(p))
-            rgbs.append(rgb)
-            results.append(encoder.embed(rgb))
+            res = encoder.embed(rgb)
         except Exception as e:  # noqa: BLE001 - every per-photo failure is reported with its reason
-            rgbs.append(None)
-            results.append(e)
+            res = e
+        rgbs.append(rgb)  # exactly one entry per photo: rgbs[i] is paths[i]'s image (or None)
+        results.append(res)
     ident = build_identity(encoder, [str(p) for p in paths], names=[p.name for p in paths], results=results)
     rec["rejected"] = [
         {"photo": r.name, "reason": r.reason if r.outlier else f"{r.error_code}: {r.error}"}

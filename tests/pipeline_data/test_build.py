@@ -150,3 +150,28 @@ def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
     assert "usable photos" in reasons["bad__mixed"]
     rec = read_records(tmp_path / "out")["bad__noface"]
     assert any("text.jpg" == r["photo"] for r in rec["rejected"])
+
+
+def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> None:
+    """A photo that decodes but has no face, followed by usable ones: every crop comes from its own photo."""
+    from pipeline_data.build import IdentitySource, prepare_identity
+    from pipeline_data.faces import get_encoder
+    from pipeline_data.tiny.crops import aligned_crop
+
+    src_dir = FACES / "lfw" / "Jacques_Chirac"  # _0006 has no detectable face (dlib)
+    names = ["Jacques_Chirac_0001.jpg", "Jacques_Chirac_0002.jpg", "Jacques_Chirac_0006.jpg",
+             "Jacques_Chirac_0007.jpg", "Jacques_Chirac_0008.jpg"]  # fmt: skip
+    d = tmp_path / "Jacques_Chirac"
+    d.mkdir()
+    for n in names:
+        (d / n).symlink_to(src_dir / n)  # links, not copies: the photos stay in ../shared
+    enc = get_encoder("dlib")
+    cfg = build_config(min_photos=4)
+    rec = prepare_identity(IdentitySource("lfw", d.name, str(d)), cfg, enc, 64)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert [r["photo"] for r in rec["rejected"]] == ["Jacques_Chirac_0006.jpg"]
+    used = rec["photos_used"]
+    for name, crop in zip(used, rec["_crops"]):
+        rgb = enc.load_rgb(str(d / name))
+        expected = aligned_crop(enc, rgb, enc.embed(rgb).face, 64, cfg.crop_padding)
+        assert np.array_equal(crop, expected), name
