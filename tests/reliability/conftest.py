@@ -28,5 +28,5 @@ def rel_app(tiny_world, tmp_path_factory):  # noqa: F811
     )  # fmt: skip
     app = create_app(s)
     with TestClient(app, raise_server_exceptions=False) as c:
-        wait_ready(c)
+        wait_ready(c, timeout=600)  # a loaded shared CPU can take minutes to import and load
         yield c, data.resolve()

@@ -34,8 +34,11 @@ def _complete(r: Any, req: dict) -> bool:
     except ValueError:
         return False
     imgs = j.get("images") or []
-    return j.get("seed") == req["seed"] and len(imgs) == 1 and imgs[0].get("seed") == req["seed"] and bool(
-        imgs[0].get("png_base64")
+    return (
+        j.get("seed") == req["seed"]
+        and len(imgs) == 1
+        and imgs[0].get("seed") == req["seed"]
+        and bool(imgs[0].get("png_base64"))
     )
 
 
@@ -60,8 +63,13 @@ async def _poll_ready(client: Any, stop: asyncio.Event, every: float, out: dict)
         try:
             r = await asyncio.wait_for(client.get("/readyz"), 10)
             ok = r.status_code == 200
-        except Exception:  # noqa: BLE001 - a timeout or transport error is a readiness failure
+            out["not_200"] += not ok
+        except TimeoutError:  # no answer within 10 s: a readiness failure too
             ok = False
+            out["timeouts"] += 1
+        except Exception:  # noqa: BLE001 - a transport error is a readiness failure
+            ok = False
+            out["errors"] += 1
         out["polls"] += 1
         out["failures"] += not ok
         out["max_seconds"] = max(out["max_seconds"], time.perf_counter() - t)
@@ -88,7 +96,7 @@ async def burst(
     docstring. Returns counts, admitted latency percentiles and the readiness polls."""
     headers = dict(headers or {})
     reqs = [body(i, identity_id, steps, size) for i in range(n)]
-    ready = {"polls": 0, "failures": 0, "max_seconds": 0.0}
+    ready = {"polls": 0, "failures": 0, "not_200": 0, "timeouts": 0, "errors": 0, "max_seconds": 0.0}
     stop = asyncio.Event()
     poller = asyncio.create_task(_poll_ready(client, stop, poll_every, ready))
     t0 = time.perf_counter()
@@ -141,7 +149,7 @@ async def _retry(
     """Every rejected request waits its Retry-After (x U(1, 2) jitter) and retries until it is served."""
     rng = random.Random(0)
     t0 = time.perf_counter()
-    attempts, served, lost, other = 0, 0, 0, []
+    attempts, served, lost, other, transport_errors = 0, 0, 0, [], []
 
     async def one(req: dict, wait: float) -> None:
         nonlocal attempts, served, lost
@@ -156,11 +164,17 @@ async def _retry(
             if kind == "ok" and r.status_code == 429 and r.headers.get("retry-after", "").isdigit():
                 wait = float(r.headers["retry-after"])
                 continue
+            if kind.startswith("error:"):  # e.g. a pooled keep-alive connection the server closed meanwhile
+                transport_errors.append(kind)
+                wait = 1.0
+                continue
             other.append(kind if kind != "ok" else str(r.status_code))
             return
 
     await asyncio.gather(*(one(req, float(w)) for req, w in zip(pending, first_wait)))
+    gave_up = len(pending) - served - len(other)  # still refused when the deadline passed
     return {
         "rejected": len(pending), "eventually_served": served, "attempts": attempts, "lost_results": lost,
-        "other": other[:5], "seconds": round(time.perf_counter() - t0, 2),
+        "other": other[:5], "transport_errors_retried": len(transport_errors), "gave_up_at_deadline": gave_up,
+        "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.reliability.conftest import AUTH
+from weights.errors import AdapterFileError
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("weights", "pipeline_data", "hypernet", "service")
@@ -74,17 +75,13 @@ def test_every_weight_loader_refuses_pickles(tmp_path, kind, write, fname):
     marker = tmp_path / "UNPICKLED"
     path = tmp_path / fname
     write(path, marker)
-    with pytest.raises(Exception, match="sanity"):  # the payload is live: plain unpickling does run it
-        pickle.loads(pickle.dumps(Payload(tmp_path / "sanity"))) and (_ for _ in ()).throw(Exception("sanity"))
+    pickle.loads(pickle.dumps(Payload(tmp_path / "sanity"))).close()  # the payload is live: unpickling runs it
     assert (tmp_path / "sanity").exists()
     for name, load in _loaders().items():
-        with pytest.raises(ValueError) as ei:  # AdapterFileError / safetensors' own error: both ValueErrors
+        with pytest.raises(AdapterFileError) as ei:
             load(path)
-        msg = str(ei.value).lower()
         assert not marker.exists(), f"{name} unpickled {kind} {fname}"
-        if name != "hypernet_load_state":
-            assert ei.value.reason in ("pickle", "not_safetensors", "header", "truncated"), (name, msg)
-            assert "pickle" in msg or "zip" in msg or "safetensors" in msg, (name, msg)
+        assert ei.value.reason == "pickle" and "refusing to load" in str(ei.value), (name, str(ei.value))
 
 
 def test_peft_folder_with_only_a_pickled_bin_is_refused(tmp_path):
@@ -120,24 +117,19 @@ def test_predictor_checkpoint_with_pickled_weights_is_refused(tmp_path):
 
 
 def test_base_model_loader_refuses_pickled_weights(tiny_world, tmp_path):
-    """A diffusers folder whose UNet weights are a ``.bin`` (pickle) only: ``load_pipeline`` refuses it (it asks
-    diffusers for safetensors only) — even plain tensors, and a payload is never run."""
+    """A diffusers folder whose UNet weights are a ``.bin`` only: ``load_pipeline`` refuses it (it asks diffusers for
+    safetensors only), even when the pickle holds nothing but plain tensors (diffusers would otherwise load it)."""
+    from safetensors.torch import load_file
+
     from pipeline_data.models import load_pipeline
 
-    src = Path(tiny_world["model_path"])
-    marker = tmp_path / "UNPICKLED"
-    for payload in (False, True):
-        d = tmp_path / f"base-{payload}"
-        shutil.copytree(src, d)
-        st = d / "unet" / "diffusion_pytorch_model.safetensors"
-        from safetensors.torch import load_file
-
-        sd = load_file(st)
-        st.unlink()
-        torch.save({**sd, **({"evil": Payload(marker)} if payload else {})}, d / "unet" / "diffusion_pytorch_model.bin")
-        with pytest.raises((OSError, ValueError, EnvironmentError)):
-            load_pipeline(str(d))
-        assert not marker.exists()
+    d = tmp_path / "base"
+    shutil.copytree(Path(tiny_world["model_path"]), d)
+    st = d / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), d / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        load_pipeline(str(d))
 
 
 UNPICKLERS = {
@@ -185,9 +177,8 @@ def test_no_operation_takes_a_weights_file(rel_app):
                 if "$ref" in schema:
                     schema = comps[schema["$ref"].rsplit("/", 1)[-1]]
                 for prop, sub in (schema.get("properties") or {}).items():
-                    items = sub.get("items", sub) if isinstance(sub, dict) else {}
-                    if sub.get("format") == "binary" or items.get("format") in ("binary",) or ctype.startswith(
-                        "multipart/"
-                    ) and items.get("contentMediaType") == "application/octet-stream":
+                    items = sub.get("items", sub)  # a list of files or one file
+                    if items.get("format") == "binary" or items.get("contentMediaType") == "application/octet-stream":
                         uploads.append((method.upper(), path, prop))
+                assert ctype in ("application/json", "multipart/form-data"), (method, path, ctype)
     assert uploads == [("POST", "/v1/identities", "photos")], uploads
