@@ -43,8 +43,14 @@ tiny-assets: setup
 	$(BIN)/difflora tiny pretrain --faces $(FACES) --out assets/tiny/base --samples assets/tiny/samples.png
 	$(BIN)/difflora data build --faces $(FACES) --base tiny --method lora --rank 4 --out $(TINY_DATA) \
 		--ray-address local --summary bench/results/dataset.json
-	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet
-	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json
+	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet --token-dim 512 \
+		--set autoencoder.latent_tokens=8 --set autoencoder.latent_dim=16
+	$(BIN)/difflora hypernet tune --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet
+	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json \
+		--mlp-epochs 40
+	$(BIN)/python bench/personalize.py
+	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 40 --val 4 --eval 10 \
+		--hypernet-set autoencoder.latent_tokens=8 --hypernet-set autoencoder.latent_dim=16
 
 bench: setup
 	$(BIN)/python bench/apply.py
