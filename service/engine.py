@@ -129,6 +129,10 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        # build every scheduler here, on the caller's thread: diffusers imports them lazily, and a lazy import in
+        # the worker racing another thread's import has failed inside torch ("operator ... does not exist")
+        for name in SCHEDULERS:
+            self._scheduler(name)
         self._thread.start()
 
     def begin_drain(self) -> None:
