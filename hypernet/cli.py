@@ -110,6 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs,
         split=args.split, samples=args.samples, baselines=tuple(b for b in args.baselines.split(",") if b),
+        progress=True,
     )  # fmt: skip
     res = evaluate(args.dataset, args.checkpoint, cfg)
     write_results(res, args.out)

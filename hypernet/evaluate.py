@@ -46,6 +46,7 @@ class EvalConfig:
     split: str = "eval"  # identities evaluated: eval (the table) | val (tuning sampling options, never eval)
     samples: int | None = None  # hypernet samples averaged per prediction (None: the checkpoint's default)
     baselines: tuple[str, ...] = ("mean", "nearest", "mlp")  # baselines run besides base and oracle
+    progress: bool = False  # progress bar over the evaluated identities
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "val"):
@@ -156,7 +157,9 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     names = [c for c in CANDIDATES if c not in ("mean", "nearest", "mlp") or c in cfg.baselines]
     per: dict[str, dict[str, dict]] = {c: {} for c in names}
     base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
-    for k, row in enumerate(eval_rows):
+    from tqdm.auto import tqdm
+
+    for k, row in enumerate(tqdm(eval_rows, desc=f"{cfg.split} identities", unit="id", disable=not cfg.progress)):
         rec = ds.records[row]
         cands: dict[str, Adapter | None] = {"base": None, "hypernet": hyper[k], "oracle": ds.adapter(row)}
         cands.update({n: ds.adapter(row, tokens[n][k]) for n in cfg.baselines})
