@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline_data.models import PRESETS, ModelNotFoundError, get_preset, load_pipeline, resolve_source
+from tests.utils.tiny_pipes import tiny_sd15_pipe, tiny_sdxl_pipe
 
 
 def test_presets_registry() -> None:
@@ -32,59 +33,10 @@ def test_missing_local_model_names_the_path(tmp_path: Path, monkeypatch: pytest.
         load_pipeline(str(tmp_path / "empty"))
 
 
-def _tiny_sd1(path: Path) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from pipeline_data.tiny.tokenizer import write_tokenizer
-
-    torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(path / "_tok")))
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(path))
-
-
 def test_load_sd1_folder_by_path(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    _tiny_sd1(tmp_path / "m")
+    tiny_sd15_pipe().save_pretrained(str(tmp_path / "m"))
     pipe = load_pipeline(str(tmp_path / "m"), device="cpu")
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.unet.dtype == torch.float32
     img = pipe("a photo of a person", num_inference_steps=2, height=16, width=16, output_type="np").images
@@ -92,55 +44,9 @@ def test_load_sd1_folder_by_path(tmp_path: Path) -> None:
 
 
 def test_load_sdxl_folder_by_path(tmp_path: Path) -> None:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import StableDiffusionXLPipeline
 
-    from pipeline_data.tiny.tokenizer import write_tokenizer
-
-    torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "_tok")))
-    cfg = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "projection_dim": 32,
-    }
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=80,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
-        tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
-        tokenizer_2=tok,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(),
-    )
-    pipe.save_pretrained(str(tmp_path / "xl"))
+    tiny_sdxl_pipe().save_pretrained(str(tmp_path / "xl"))
     loaded = load_pipeline(str(tmp_path / "xl"), device="cpu")
     assert isinstance(loaded, StableDiffusionXLPipeline)
     img = loaded("a photo", num_inference_steps=2, height=16, width=16, output_type="np").images
