@@ -10,15 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import HypernetDataset, fit_token_stats, sample_condition_subsets
+from .data import HypernetDataset, fit_token_stats, mean_embedding, sample_condition_subsets
 
-
-def mean_embedding(conds: list[Tensor]) -> Tensor:
-    """B condition sets (P_i, E) -> (B, E): the L2-normalised mean of each identity's photo embeddings."""
-    return F.normalize(torch.stack([c.float().mean(0) for c in conds]), dim=-1)
+__all__ = ["BASELINES", "MLPConfig", "MeanAdapter", "NearestNeighbour", "RegressionMLP", "mean_embedding"]
 
 
 class MeanAdapter:

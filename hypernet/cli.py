@@ -58,12 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
     e.add_argument("--baselines", default="mean,nearest,mlp", help="comma-separated baselines to run ('' for none)")
+    e.add_argument(
+        "--mlp-scales", default="", help="extra rows: the MLP's deviation from the mean amplified x s, e.g. 2,4,6"
+    )
     u = sub.add_parser("tune", help="choose CFG scale and samples averaged on the dataset's val identities")
     u.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
     u.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (updated in place)")
-    u.add_argument("--cfg-scales", default="1,2,4", help="comma-separated CFG scales to try")
-    u.add_argument("--samples", default="1,8", help="comma-separated sample counts to try")
-    u.add_argument("--limit", type=int, default=16, help="val identities used")
+    u.add_argument("--cfg-scales", default="1,2,4,8", help="comma-separated CFG scales to try")
+    u.add_argument("--samples", default="1", help="comma-separated sample counts to try")
+    u.add_argument("--steps", default="1,25", help="comma-separated DDIM step counts to try")
+    u.add_argument(
+        "--max-no-face-increase", type=float, default=0.05,
+        help="options losing the face this much more often than the base model are not chosen",
+    )  # fmt: skip
+    u.add_argument("--limit", type=int, default=16, help="val identities used (0: all)")
     u.add_argument("--seeds", type=int, default=4, help="generations per option and identity")
     return p
 
@@ -74,15 +82,26 @@ def _tune(args: argparse.Namespace) -> int:
     try:
         scales = tuple(float(x) for x in args.cfg_scales.split(",") if x)
         samples = tuple(int(x) for x in args.samples.split(",") if x)
+        steps = tuple(int(x) for x in args.steps.split(",") if x)
     except ValueError as e:
-        raise ValueError(f"--cfg-scales/--samples must be comma-separated numbers ({e})") from None
+        raise ValueError(f"--cfg-scales/--samples/--steps must be comma-separated numbers ({e})") from None
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     res = tune_sampling(
-        args.dataset, args.checkpoint, cfg_scales=scales, samples=samples, limit=args.limit, seeds=args.seeds
-    )
+        args.dataset, args.checkpoint, cfg_scales=scales, samples=samples, sample_steps=steps,
+        limit=args.limit or None, seeds=args.seeds, max_no_face_increase=args.max_no_face_increase, progress=True,
+    )  # fmt: skip
     for s in res["scores"]:
-        print(f"cfg {s['cfg_scale']:<5} samples {s['samples']:<3} identity recovery {s['identity_recovery']:+.3f}")
+        print(
+            f"cfg {s['cfg_scale']:<5} samples {s['samples']:<3} steps {s['sample_steps']:<3} "
+            f"identity recovery {s['identity_recovery']:+.3f}"
+            f"  function fidelity {s['function_fidelity']:+.3f}  no-face {s['no_face_rate']:.2f}"
+        )
     c = res["chosen"]
-    print(f"chosen: cfg {c['cfg_scale']}, samples {c['samples']} (written to {args.checkpoint}/config.json)")
+    print(
+        f"chosen: cfg {c['cfg_scale']}, samples {c['samples']}, steps {c['sample_steps']} "
+        f"(written to {args.checkpoint}/config.json)"
+    )
     return 0
 
 
@@ -102,6 +121,13 @@ def _train_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_config
     from .evaluate import EvalConfig, evaluate, write_results
@@ -110,16 +136,16 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs,
         split=args.split, samples=args.samples, baselines=tuple(b for b in args.baselines.split(",") if b),
-        progress=True,
+        mlp_scales=_floats(args.mlp_scales, "--mlp-scales"), progress=True,
     )  # fmt: skip
     res = evaluate(args.dataset, args.checkpoint, cfg)
     write_results(res, args.out)
-    rows = {**res["baselines"], "hypernet": res["hypernet"]}
+    rows = {**res["baselines"], **res.get("variants", {}), "hypernet": res["hypernet"]}
     print(f"{res['n_identities']} held-out identities")
-    print(f"{'candidate':<10} {'id. recovery':>13} {'fn fidelity':>12} {'w. cosine':>10} {'no-face':>8} {'s/id':>8}")
+    print(f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity':>12} {'w. cosine':>10} {'no-face':>8} {'s/id':>8}")
     for name, r in rows.items():
         print(
-            f"{name:<10} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} {r['weight_cosine']:10.3f} "
+            f"{name:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} {r['weight_cosine']:10.3f} "
             f"{r['no_face_rate']:8.2f} {r['seconds_per_identity']:8.4f}"
         )
     return 0

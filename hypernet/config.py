@@ -13,12 +13,14 @@ from typing import Any
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "epsilon")
 AMP_MODES = ("auto", "bf16", "off")
+AE_KINDS = ("transformer", "linear")
 
 
 @dataclass
 class AutoencoderConfig:
     """DiffLoRA's weight autoencoder (LAE): adapter tokens (B, T, D) <-> latent tokens (B, T_lat, D_lat)."""
 
+    kind: str = "transformer"  # transformer (trained, DiffLoRA's LAE) | linear (closed-form face-predictable subspace)
     token_dim: int = 64  # D: entries per adapter token (set from the dataset)
     num_tokens: int = 32  # T: tokens per adapter (set from the dataset)
     num_layers: int = 8  # distinct layer ids, max id + 1 (set from the dataset)
@@ -32,9 +34,14 @@ class AutoencoderConfig:
     input_noise: float = 0.01  # std of Gaussian noise added to normalised input tokens while training
     latent_noise: float = 0.05  # std of Gaussian noise added to the (unit-RMS) latent while training
     magnitude_weight: float = 1.0  # lambda in the loss weight w = 1 + lambda * |x_raw| / mean|x_raw|
+    ridge: float = 1.0  # linear kind: ridge penalty of the face -> adapter regression that spans the latent
 
     def __post_init__(self) -> None:
         _check_heads(self.hidden, self.heads, "autoencoder")
+        if self.kind not in AE_KINDS:
+            raise ValueError(f"autoencoder kind must be one of {AE_KINDS}, got {self.kind!r}")
+        if self.ridge <= 0:
+            raise ValueError(f"autoencoder ridge must be > 0, got {self.ridge}")
         for name in ("token_dim", "num_tokens", "num_layers", "latent_tokens", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"autoencoder {name} must be >= 1, got {getattr(self, name)}")

@@ -140,6 +140,11 @@ def pad_conditions(conds: list[Tensor]) -> tuple[Tensor, Tensor]:
     return out, mask
 
 
+def mean_embedding(conds: list[Tensor]) -> Tensor:
+    """B condition sets (P_i, E) -> (B, E): the L2-normalised mean of each identity's photo embeddings."""
+    return torch.nn.functional.normalize(torch.stack([c.float().mean(0) for c in conds]), dim=-1)
+
+
 def sample_condition_subsets(conds: list[Tensor], max_photos: int, generator: torch.Generator) -> list[Tensor]:
     """For each identity a random non-empty subset of 1..min(P_i, max_photos) of its photos (training aug.)."""
     out = []

@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class EvalConfig:
     seeds: int = 8  # generations per candidate and identity
     gen_steps: int = 20  # DDIM steps of the base model's generations
     guidance: float = 3.0  # CFG scale of the generations
-    sample_steps: int = 50  # DDIM steps of the hypernet
+    sample_steps: int | None = None  # DDIM steps of the hypernet (None: the checkpoint's default)
     cfg_scale: float | None = None  # hypernet classifier-free guidance (None: the checkpoint's default)
     timesteps: tuple[int, ...] = (50, 200, 400, 600, 800)  # function-fidelity timesteps
     limit: int | None = None  # evaluate only the first N eval identities
@@ -47,10 +48,14 @@ class EvalConfig:
     samples: int | None = None  # hypernet samples averaged per prediction (None: the checkpoint's default)
     baselines: tuple[str, ...] = ("mean", "nearest", "mlp")  # baselines run besides base and oracle
     progress: bool = False  # progress bar over the evaluated identities
+    variants: tuple[tuple[float, int, int], ...] = ()  # extra hypernet (cfg_scale, samples, steps) rows (tuning)
+    mlp_scales: tuple[float, ...] = ()  # extra rows: the MLP's deviation from the mean adapter amplified x s
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "val"):
             raise ValueError(f"split must be 'eval' or 'val', got {self.split!r}")
+        self.variants = tuple((float(c), int(n), int(k)) for c, n, k in self.variants)  # JSON gives lists
+        self.mlp_scales = tuple(float(x) for x in self.mlp_scales)
         unknown = set(self.baselines) - {"mean", "nearest", "mlp"}
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; choose from mean, nearest, mlp")
@@ -118,6 +123,7 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         cfg,
         cfg_scale=predictor.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
         samples=predictor.samples if cfg.samples is None else cfg.samples,
+        sample_steps=predictor.steps if cfg.sample_steps is None else cfg.sample_steps,
     )
     ds = load_adapter_dataset(
         dataset_dir, token_dim=predictor.layout.token_dim, canonicalize=predictor.layout.canonicalize
@@ -132,21 +138,31 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         raise ValueError(f"need train and {cfg.split} identities, got {len(train_rows)} and {len(eval_rows)}")
     train = ds.data.subset(train_rows)
     conds = [ds.data.cond[i] for i in eval_rows]
-    tokens: dict[str, torch.Tensor] = {}
+    tokens: dict[str, Any] = {}  # name -> (B, T, D) baseline tokens, or B adapters of a hypernet row
     seconds: dict[str, float] = {}
     models = {
         "mean": MeanAdapter,
         "nearest": NearestNeighbour,
         "mlp": lambda: RegressionMLP(MLPConfig(epochs=cfg.mlp_epochs)),
     }
-    for name in cfg.baselines:
-        model = models[name]().fit(train)
+    fitted = {}
+    for name in cfg.baselines + (("mlp",) if cfg.mlp_scales and "mlp" not in cfg.baselines else ()):
+        fitted[name] = models[name]().fit(train)
         t0 = time.perf_counter()
-        tokens[name] = model.predict(conds)
+        tokens[name] = fitted[name].predict(conds)
         seconds[name] = (time.perf_counter() - t0) / len(conds)
-    t0 = time.perf_counter()
-    hyper = predictor.predict_batch(conds, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, samples=cfg.samples)
-    seconds["hypernet"] = (time.perf_counter() - t0) / len(conds)
+    for s in cfg.mlp_scales:  # the counterpart of the hypernet's CFG scale: amplify what the regression predicts
+        mean = fitted["mlp"].mean * fitted["mlp"].mask  # (T, D)
+        tokens[f"mlp_x{s:g}"] = mean + s * (tokens["mlp"] - mean)
+        seconds[f"mlp_x{s:g}"] = seconds["mlp"]
+    if cfg.mlp_scales and "mlp" not in cfg.baselines:
+        del tokens["mlp"]
+    main = (cfg.cfg_scale, cfg.samples, cfg.sample_steps)
+    hyper_rows = {"hypernet": main} | {variant_name(*v): v for v in cfg.variants if v != main}
+    for name, (scale, n, steps) in hyper_rows.items():
+        t0 = time.perf_counter()
+        tokens[name] = predictor.predict_batch(conds, steps=steps, cfg_scale=scale, samples=n)
+        seconds[name] = (time.perf_counter() - t0) / len(conds)
 
     pipe = load_pipeline(ds.recipe.get("base", "tiny"))
     encoder = get_encoder(ds.face_backend)
@@ -155,14 +171,15 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     seeds = list(range(cfg.seeds))
     caption = ds.recipe.get("caption", "a photo of sks person")
     names = [c for c in CANDIDATES if c not in ("mean", "nearest", "mlp") or c in cfg.baselines]
+    names += [n for n in [*hyper_rows, *tokens] if n not in names]
     per: dict[str, dict[str, dict]] = {c: {} for c in names}
     base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
     from tqdm.auto import tqdm
 
     for k, row in enumerate(tqdm(eval_rows, desc=f"{cfg.split} identities", unit="id", disable=not cfg.progress)):
         rec = ds.records[row]
-        cands: dict[str, Adapter | None] = {"base": None, "hypernet": hyper[k], "oracle": ds.adapter(row)}
-        cands.update({n: ds.adapter(row, tokens[n][k]) for n in cfg.baselines})
+        cands: dict[str, Adapter | None] = {"base": None, "oracle": ds.adapter(row)}
+        cands.update({n: tokens[n][k] if n in hyper_rows else ds.adapter(row, tokens[n][k]) for n in tokens})
         heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
         # function fidelity inputs: the identity's photos, fixed noise and timesteps
         g = torch.Generator().manual_seed(0)
@@ -198,6 +215,11 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     return _tabulate(per, seconds, eval_rows, cfg)
 
 
+def variant_name(cfg_scale: float, samples: int, steps: int) -> str:
+    """Row name of a hypernet sampling variant, e.g. ``hypernet_cfg2_x4_s25``."""
+    return f"hypernet_cfg{cfg_scale:g}_x{samples}_s{steps}"
+
+
 def _upscale(im: np.ndarray, side: int = 150) -> np.ndarray:
     from PIL import Image
 
@@ -222,12 +244,14 @@ def _tabulate(per: dict, seconds: dict, eval_rows: list[int], cfg: EvalConfig) -
             "seconds_per_identity": seconds.get(c, 0.0),
         }
     h = rows["hypernet"]
+    variants = {c: rows[c] for c in rows if c not in CANDIDATES}
     return {
         "identity_recovery": h["identity_recovery"],
         "function_fidelity": h["function_fidelity"],
         "n_identities": len(ids),
         "hypernet": h,
-        "baselines": {c: rows[c] for c in rows if c != "hypernet"},
+        "baselines": {c: rows[c] for c in rows if c in CANDIDATES and c != "hypernet"},
+        **({"variants": variants} if variants else {}),
         "split": cfg.split,
         "config": asdict(cfg),
         "per_identity": per,

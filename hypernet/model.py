@@ -13,6 +13,7 @@ from .autoencoder import WeightAutoencoder
 from .config import HypernetConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
+from .linear_autoencoder import LinearAutoencoder
 
 
 class HypernetModel(nn.Module):
@@ -20,7 +21,7 @@ class HypernetModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         ae, dn = cfg.autoencoder, cfg.denoiser
-        self.autoencoder = WeightAutoencoder(ae)
+        self.autoencoder = WeightAutoencoder(ae) if ae.kind == "transformer" else LinearAutoencoder(ae)
         self.denoiser = Denoiser(dn, ae.latent_tokens, ae.latent_dim)
         T, D = ae.num_tokens, ae.token_dim
         self.register_buffer("mask", torch.ones(T, D, dtype=torch.bool))  # (T, D) real entries

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ from .checkpoint import (
     state_to_tensors,
 )
 from .config import HypernetConfig
-from .data import HypernetDataset, fit_token_stats, pad_conditions, sample_condition_subsets
+from .data import HypernetDataset, fit_token_stats, mean_embedding, pad_conditions, sample_condition_subsets
+from .linear_autoencoder import LinearAutoencoder
 from .metrics import summarize, weight_metrics
 from .model import HypernetModel
 from .plots import plot_metrics
@@ -86,7 +88,10 @@ class Trainer:
         device: str = "auto",
         progress: bool = True,
     ) -> None:
-        self.cfg = cfg.for_data(train_set.num_tokens, train_set.token_dim, train_set.num_layers, train_set.cond_dim)
+        cfg = cfg.for_data(train_set.num_tokens, train_set.token_dim, train_set.num_layers, train_set.cond_dim)
+        if cfg.autoencoder.kind == "linear":  # fitted in closed form below: no autoencoder steps
+            cfg = replace(cfg, train=replace(cfg.train, ae_steps=0))
+        self.cfg = cfg
         self.train_set, self.val_set = train_set, val_set
         self.out = Path(out_dir)
         self.device = resolve_device(device)
@@ -99,13 +104,22 @@ class Trainer:
             model = HypernetModel(self.cfg)
         model.set_layout(train_set.layer_ids, train_set.mask)
         model.set_token_stats(*fit_token_stats(train_set.tokens, train_set.mask))
+        self.ae_fit: dict[str, float] = {}
+        if isinstance(model.autoencoder, LinearAutoencoder):
+            self.ae_fit = model.autoencoder.fit(
+                model.normalize_tokens(train_set.tokens), mean_embedding(train_set.cond), train_set.mask,
+                self.cfg.autoencoder.ridge,
+            )  # fmt: skip
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.diffusion = self.model.diffusion()
         self.tokens = train_set.tokens.to(self.device)  # (N, T, D) raw
         self.gen = torch.Generator().manual_seed(tc.seed + 1)
         self.step, self.ae_done, self.latents = 0, False, None
-        self.opt = self._make_optimizer()
+        if self.ae_fit:  # nothing to train in stage 1
+            self._finish_autoencoder()
+        else:
+            self.opt = self._make_optimizer()
 
     # ------------------------------------------------------------------ stages
 
@@ -196,7 +210,7 @@ class Trainer:
         ds = self.val_set if self.val_set is not None else self.train_set.subset(range(min(256, len(self.train_set))))
         raw = ds.tokens.to(self.device)  # (M, T, D)
         ema, out = self.ema, {}
-        if not self.ae_done or final:
+        if not self.ae_done or final or (self.ae_fit and self.step == 0):  # autoencoder reconstruction
             rec = ema.denormalize_tokens(ema.autoencoder.decode(ema.autoencoder.encode(ema.normalize_tokens(raw))))
             s = summarize(weight_metrics(rec.cpu(), raw.cpu(), ds.mask, ema.token_mean.cpu()))
             out |= {"val_ae_rel_mse": s["rel_mse"], "val_ae_cosine": s["cosine"]}
@@ -288,6 +302,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics()
         end = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
+        if self.step == 0 and self.ae_fit:
+            self._log({"step": 0, "stage": "autoencoder", **self.ae_fit, **self.validate()})
         bar = tqdm(total=tc.total_steps, initial=self.step, disable=not self.progress, desc="hypernet", leave=False)
         t0 = time.perf_counter()
         while self.step < end:
@@ -306,7 +322,7 @@ class Trainer:
             return {}
         if not self.ae_done:  # dn_steps == 0: still finish the autoencoder so the export is usable
             self._finish_autoencoder()
-        final = self.validate(final=True)
+        final = self.ae_fit | self.validate(final=True)
         self._log({"step": self.step, "stage": "final", **final})
         self.save_checkpoint()
         self.export(self.out)

@@ -1,9 +1,9 @@
-"""Choose the predictor's sampling options (CFG scale, samples averaged) on the dataset's ``val`` identities.
+"""Choose the predictor's sampling options (CFG scale, samples averaged, DDIM steps) on ``val`` identities.
 
-Each option pair is scored by identity recovery on validation identities (never ``eval``: the table's
-identities stay untouched); the best pair is written into the checkpoint's ``config.json`` (``train.cfg_scale``,
-``train.sample_count``), which :class:`hypernet.predict.Predictor` uses as its defaults, and every score into
-``tuning.json`` beside it.
+Every option is scored by identity recovery on validation identities (never ``eval``: the table's identities stay
+untouched) in one pass (base and oracle generated once); the best is written into the checkpoint's
+``config.json`` (``train.cfg_scale``, ``train.sample_count``, ``train.sample_steps``), which
+:class:`hypernet.predict.Predictor` uses as its defaults, and every score into ``tuning.json`` beside it.
 """
 
 from __future__ import annotations
@@ -15,54 +15,82 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, atomic_write_text, load_config, save_config
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate, variant_name
 
 TUNING_NAME = "tuning.json"
+
+
+def choose_option(scores: list[dict], base_no_face: float, max_no_face_increase: float) -> tuple[dict, bool]:
+    """The best-scoring option among those within the no-face bound (all of them if none is); returns it and
+    whether the bound could be met. Ties go to the fewest samples, then steps, then the scale closest to 1."""
+
+    def key(s: dict) -> tuple:
+        rec = s["identity_recovery"]
+        return (-(rec if math.isfinite(rec) else -math.inf), s["samples"], s["sample_steps"], abs(s["cfg_scale"] - 1))
+
+    eligible = [s for s in scores if s["no_face_rate"] - base_no_face <= max_no_face_increase]
+    return min(eligible or scores, key=key), bool(eligible)
 
 
 def tune_sampling(
     dataset_dir: str | Path,
     checkpoint_dir: str | Path,
     *,
-    cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0),
-    samples: tuple[int, ...] = (1, 8),
+    cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0),
+    samples: tuple[int, ...] = (1,),
+    sample_steps: tuple[int, ...] = (1, 25),
     limit: int | None = 16,
     seeds: int = 4,
+    max_no_face_increase: float = 0.05,
     write: bool = True,
+    progress: bool = False,
 ) -> dict:
-    """Score every (cfg_scale, samples) pair on val identities; returns (and writes) the scores and the choice.
+    """Score every (cfg_scale, samples, sample_steps) option on val identities; returns (and writes) the scores
+    and the choice.
 
-    Ties (e.g. an untrained hypernet, whose every option gives zero gain) go to the cheapest option: the
-    lowest sample count, then the scale closest to 1.
+    Options whose generations lose the face more often than the base model's by over ``max_no_face_increase``
+    are not chosen (a large CFG scale can push the adapter off the image manifold and still score on the
+    faces that remain). Ties (e.g. an untrained hypernet, whose every option gives zero gain) go to the cheapest
+    option: the lowest sample count, then the fewest steps, then the scale closest to 1.
     """
-    if not cfg_scales or not samples:
-        raise ValueError("give at least one CFG scale and one sample count")
+    if not cfg_scales or not samples or not sample_steps:
+        raise ValueError("give at least one CFG scale, one sample count and one step count")
+    if min(samples) < 1 or min(sample_steps) < 1:
+        raise ValueError("sample counts and step counts must be >= 1")
+    pairs = [(float(c), int(n), int(k)) for c, n, k in itertools.product(cfg_scales, samples, sample_steps)]
+    # one pass: base, oracle and every variant on the same identities and seeds (base/oracle generated once)
+    ecfg = EvalConfig(
+        seeds=seeds, limit=limit, split="val", baselines=(), cfg_scale=pairs[0][0], samples=pairs[0][1],
+        sample_steps=pairs[0][2], variants=tuple(pairs[1:]), progress=progress,
+    )  # fmt: skip
+    res = evaluate(dataset_dir, checkpoint_dir, ecfg)
     scores = []
-    for scale, n in itertools.product(cfg_scales, samples):
-        ecfg = EvalConfig(seeds=seeds, limit=limit, split="val", baselines=(), cfg_scale=scale, samples=n)
-        res = evaluate(dataset_dir, checkpoint_dir, ecfg)
-        h = res["hypernet"]
+    for scale, n, steps in pairs:
+        h = res["hypernet"] if (scale, n, steps) == pairs[0] else res["variants"][variant_name(scale, n, steps)]
         scores.append(
             {
                 "cfg_scale": scale,
                 "samples": n,
+                "sample_steps": steps,
                 "identity_recovery": h["identity_recovery"],
                 "identity_recovery_ci95": h["identity_recovery_ci95"],
                 "function_fidelity": h["function_fidelity"],
+                "no_face_rate": h["no_face_rate"],
                 "n_identities": res["n_identities"],
             }
         )
-
-    def key(s: dict) -> tuple:
-        rec = s["identity_recovery"]
-        return (-(rec if math.isfinite(rec) else -math.inf), s["samples"], abs(s["cfg_scale"] - 1.0))
-
-    best = min(scores, key=key)
-    out = {"split": "val", "seeds": seeds, "limit": limit, "scores": scores, "chosen": best}
+    base_no_face = res["baselines"]["base"]["no_face_rate"]
+    best, eligible = choose_option(scores, base_no_face, max_no_face_increase)
+    out = {
+        "split": "val", "seeds": seeds, "limit": limit, "scores": scores, "chosen": best,
+        "base_no_face_rate": base_no_face, "max_no_face_increase": max_no_face_increase,
+        "no_face_constraint_met": eligible,
+    }  # fmt: skip
     if write:
         d = Path(checkpoint_dir)
         cfg = load_config(d)
-        cfg = replace(cfg, train=replace(cfg.train, cfg_scale=best["cfg_scale"], sample_count=best["samples"]))
+        tc = replace(cfg.train, cfg_scale=best["cfg_scale"], sample_count=best["samples"])
+        cfg = replace(cfg, train=replace(tc, sample_steps=best["sample_steps"]))
         old = json.loads((d / CONFIG_NAME).read_text())
         save_config(cfg, d, {k: v for k, v in old.items() if k not in (*cfg.to_dict(), "format_version")})
         atomic_write_text(d / TUNING_NAME, json.dumps(out, indent=2, sort_keys=True) + "\n")

@@ -61,11 +61,14 @@ def test_eval_on_the_val_split_with_chosen_baselines(eval_setup, tmp_path: Path)
         r["split"] = "val" if r["split"] == "eval" else r["split"]
     (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     cfg = EvalConfig(
-        seeds=1, gen_steps=3, sample_steps=3, timesteps=(300,), split="val", baselines=("mean",), samples=2
-    )
+        seeds=1, gen_steps=3, sample_steps=3, timesteps=(300,), split="val", baselines=("mean",), samples=2,
+        mlp_epochs=2, mlp_scales=(3,), variants=([2, 1, 1],),
+    )  # fmt: skip
     res = evaluate(ds, ckpt, cfg)
     assert res["split"] == "val" and res["n_identities"] == 1
     assert set(res["baselines"]) == {"base", "mean", "oracle"}
+    assert set(res["variants"]) == {"mlp_x3", "hypernet_cfg2_x1_s1"}  # extra rows, same identities and seeds
+    assert 0.0 <= res["variants"]["mlp_x3"]["no_face_rate"] <= 1.0
     assert res["config"]["samples"] == 2 and res["config"]["cfg_scale"] == 1.0  # the checkpoint's default
     with pytest.raises(ValueError, match="split"):
         EvalConfig(split="test")
@@ -91,14 +94,39 @@ def test_tune_writes_the_chosen_sampling_options(eval_setup, tmp_path: Path, cap
     for r in lines:
         r["split"] = "val" if r["split"] == "eval" else r["split"]
     (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    argv = ["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--cfg-scales", "1,3", "--samples", "1,2",
-            "--seeds", "1", "--limit", "1"]  # fmt: skip
+    argv = ["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--cfg-scales", "3,1", "--samples", "2,1",
+            "--steps", "2,1", "--seeds", "1", "--limit", "1"]  # fmt: skip
     assert main(argv) == 0
     tuning = json.loads((ckpt / "tuning.json").read_text())
-    assert len(tuning["scores"]) == 4 and tuning["split"] == "val"
+    assert len(tuning["scores"]) == 8 and tuning["split"] == "val"
+    assert {(s["cfg_scale"], s["samples"], s["sample_steps"]) for s in tuning["scores"]} == {
+        (c, n, k) for c in (1.0, 3.0) for n in (1, 2) for k in (1, 2)
+    }
     # the untrained hypernet predicts ΔW = 0 for every option: a tie, so the cheapest option wins
-    assert (tuning["chosen"]["cfg_scale"], tuning["chosen"]["samples"]) == (1.0, 1)
-    assert load_config(ckpt).train.sample_count == 1
+    assert (tuning["chosen"]["cfg_scale"], tuning["chosen"]["samples"], tuning["chosen"]["sample_steps"]) == (1, 1, 1)
+    assert load_config(ckpt).train.sample_count == 1 and load_config(ckpt).train.sample_steps == 1
     assert Predictor.load(ckpt).cfg_scale == 1.0
     assert main(["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--samples", "x"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+def _score(cfg: float, rec: float, no_face: float, samples: int = 1, steps: int = 1) -> dict:
+    return {"cfg_scale": cfg, "identity_recovery": rec, "no_face_rate": no_face, "samples": samples,
+            "sample_steps": steps}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scores", "base_no_face", "want_cfg", "met"),
+    [
+        ([_score(1, 0.2, 0.0), _score(4, 0.9, 0.02), _score(8, 1.1, 0.24)], 0.0, 4, True),  # 8 loses faces
+        ([_score(1, 0.2, 0.2), _score(8, 1.1, 0.24)], 0.2, 8, True),  # measured against the base model's rate
+        ([_score(4, 0.9, 0.5), _score(8, 1.1, 0.6)], 0.0, 8, False),  # none within the bound: best of all
+        ([_score(2, float("nan"), 0.0), _score(1, 0.1, 0.0)], 0.0, 1, True),  # NaN never wins
+        ([_score(3, 0.0, 0.0), _score(1, 0.0, 0.0, steps=25), _score(2, 0.0, 0.0)], 0.0, 2, True),  # tie: cheap
+    ],
+)
+def test_tune_choice_respects_the_no_face_bound(scores, base_no_face, want_cfg, met) -> None:
+    from hypernet.tune import choose_option
+
+    best, ok = choose_option(scores, base_no_face, 0.05)
+    assert best["cfg_scale"] == want_cfg and ok is met
