@@ -36,6 +36,8 @@ serve: setup
 
 FACES ?= ../shared/data/faces
 TINY_DATA ?= data/tiny-lora
+# the amplified-MLP row of the table: the best scale in bench/results/quality_val_mlp.json (val identities)
+MLP_SCALE ?= 6
 
 # Rebuild everything in assets/tiny/ from the shared photos: the base model, the LoRA dataset (not committed;
 # its summary goes to bench/results/dataset.json), the hypernetwork and its evaluation. Each step resumes.
@@ -44,13 +46,19 @@ tiny-assets: setup
 	$(BIN)/difflora data build --faces $(FACES) --base tiny --method lora --rank 4 --out $(TINY_DATA) \
 		--ray-address local --summary bench/results/dataset.json
 	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet --token-dim 512 \
-		--set autoencoder.latent_tokens=8 --set autoencoder.latent_dim=16
-	$(BIN)/difflora hypernet tune --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet
+		--set autoencoder.kind=linear --set autoencoder.latent_tokens=8 --set autoencoder.latent_dim=4 \
+		--set train.dn_steps=2000
+	$(BIN)/difflora hypernet tune --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet \
+		--cfg-scales 1,2,3,4,5,6 --steps 1,25 --limit 30
+	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --split val --limit 30 \
+		--seeds 4 --baselines mlp --mlp-epochs 40 --mlp-scales 2,4,6,8 --out bench/results/quality_val_mlp.json
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json \
-		--mlp-epochs 40
+		--mlp-epochs 40 --mlp-scales $(MLP_SCALE)
+	$(BIN)/python bench/fidelity_ceiling.py
 	$(BIN)/python bench/personalize.py
 	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 40 --val 4 --eval 10 \
-		--hypernet-set autoencoder.latent_tokens=8 --hypernet-set autoencoder.latent_dim=16
+		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=4 \
+		--hypernet-set autoencoder.latent_dim=8 --hypernet-set train.dn_steps=1000
 
 bench: setup
 	$(BIN)/python bench/apply.py

@@ -3,7 +3,8 @@
 For each method, the same identities (a deterministic subset of the face folders: the first ``--eval`` eval,
 ``--val`` val and ``--train`` train identities in a hash order that mixes the datasets) get one adapter each
 with the dataset recipe (only the method, and the learning rate for the one-vector methods, change), a
-hypernet is trained on the train part and evaluated on the eval part with the same seeds. The LoRA arm
+hypernet is trained on the train part, its sampling options (CFG scale, DDIM steps) are tuned on the val part,
+and it is evaluated on the eval part with the same seeds. The LoRA arm
 reuses the LoRA dataset's adapters (the build is deterministic per identity).
 
     .venv/bin/python bench/methods.py --lora-dataset data/tiny-lora [--methods lora,loldu,svfit,dora]
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.evaluate import EvalConfig, evaluate  # noqa: E402
 from hypernet.fit import train_on_dataset  # noqa: E402
+from hypernet.tune import tune_sampling  # noqa: E402
 from pipeline_data.build import IdentitySource, _images_in, build, discover, write_manifest  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
 from pipeline_data.splits import split_of  # noqa: E402
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-address", default="local")
     ap.add_argument("--hypernet-set", action="append", default=[], help="hypernet --set overrides (all methods)")
     ap.add_argument("--seeds", type=int, default=4, help="generations per candidate and identity")
+    ap.add_argument("--cfg-scales", default="1,2,3,4,6", help="CFG scales tuned per method on its val identities")
+    ap.add_argument("--steps", default="1", help="DDIM step counts tuned per method on its val identities")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "methods.json")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         fit = train_on_dataset(
             ds, hn, token_dim=METHODS[m]["token_dim"], settings=args.hypernet_set, device="cpu", progress=False
         )
+        tuned = tune_sampling(
+            ds, hn, cfg_scales=tuple(float(x) for x in args.cfg_scales.split(",")), samples=(1,),
+            sample_steps=tuple(int(x) for x in args.steps.split(",")), limit=None, seeds=args.seeds,
+        )["chosen"]  # fmt: skip
         ecfg = EvalConfig(seeds=args.seeds, baselines=("mean", "nearest"))
         res = evaluate(ds, hn, ecfg)
         rows = {**res["baselines"], "hypernet": res["hypernet"]}
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean": {k: rows["mean"][k] for k in ("identity_recovery", "function_fidelity")},
             "nearest": {k: rows["nearest"][k] for k in ("identity_recovery", "function_fidelity")},
             "autoencoder_val": {k: v for k, v in fit.items() if k.startswith("val_")},
+            "sampling": {k: tuned[k] for k in ("cfg_scale", "samples", "sample_steps", "identity_recovery")},
             "seconds_build": round(t_build, 1),
             "seconds_total": round(time.perf_counter() - t0, 1),
         }  # fmt: skip

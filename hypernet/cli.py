@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--samples", default="1", help="comma-separated sample counts to try")
     u.add_argument("--steps", default="1,25", help="comma-separated DDIM step counts to try")
     u.add_argument(
-        "--max-no-face-increase", type=float, default=0.05,
+        "--max-no-face-increase", type=float, default=0.02,
         help="options losing the face this much more often than the base model are not chosen",
     )  # fmt: skip
     u.add_argument("--limit", type=int, default=16, help="val identities used (0: all)")

@@ -71,7 +71,8 @@ def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _identity_crops(rec: dict, encoder, size: int, padding: float) -> np.ndarray:
+def identity_crops(rec: dict, encoder, size: int, padding: float) -> np.ndarray:
+    """The aligned crops of an identity's training photos (``photos_used``), as the data build made them."""
     from pipeline_data.tiny.crops import aligned_crop
 
     crops = []
@@ -109,7 +110,6 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     """Run the whole table (see module docstring); returns the result dict written by :func:`write_results`."""
     from diffusers import DDPMScheduler
 
-    from pipeline_data.adapter_train import encode_latents, unet_conditioning
     from pipeline_data.faces import get_encoder
     from pipeline_data.models import load_pipeline
 
@@ -180,39 +180,56 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         rec = ds.records[row]
         cands: dict[str, Adapter | None] = {"base": None, "oracle": ds.adapter(row)}
         cands.update({n: tokens[n][k] if n in hyper_rows else ds.adapter(row, tokens[n][k]) for n in tokens})
-        heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
-        # function fidelity inputs: the identity's photos, fixed noise and timesteps
-        g = torch.Generator().manual_seed(0)
-        crops = _identity_crops(rec, encoder, size, ds.recipe.get("crop_padding", 0.3))
-        lat = encode_latents(pipe, crops, g, flip=False)
-        ts = torch.tensor(cfg.timesteps).repeat_interleave(len(lat))
-        lat = lat.repeat(len(cfg.timesteps), 1, 1, 1)
-        noise = torch.randn(lat.shape, generator=g)
-        cond = unet_conditioning(pipe, caption, len(lat), size, size)
-        eps = {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
-        d_oracle = _delta_vector(pipe.unet, cands["oracle"])
-        den = float(((eps["base"] - eps["oracle"]) ** 2).mean())
-        for c, a in cands.items():
-            if a is None:
-                imgs = base_imgs
-            else:
-                state = apply_adapter(pipe.unet, a)
-                try:
-                    imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
-                finally:
-                    restore(pipe.unet, state)
-            emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
-            sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
-            no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))
-            fid = 1.0 - float(((eps[c] - eps["oracle"]) ** 2).mean()) / den if den > 0 else float("nan")
-            dv = _delta_vector(pipe.unet, a) if a is not None else torch.zeros_like(d_oracle)
-            cos = (
-                float(torch.nn.functional.cosine_similarity(dv.double(), d_oracle.double(), dim=0))
-                if dv.norm() > 0
-                else 0.0
-            )
-            per[c][rec["identity"]] = {"sim": sim, "function_fidelity": fid, "weight_cosine": cos, "no_face": no_face}
+        scores = score_candidates(pipe, sched, encoder, rec, cands, cfg, base_imgs, ds.recipe)
+        for c, m in scores.items():
+            per[c][rec["identity"]] = m
     return _tabulate(per, seconds, eval_rows, cfg)
+
+
+@torch.no_grad()
+def score_candidates(
+    pipe, sched, encoder, rec: dict, cands: dict[str, Adapter | None], cfg: EvalConfig, base_imgs, recipe: dict
+) -> dict[str, dict]:
+    """One identity's metrics for every candidate adapter (``None`` = the base model, whose images are
+    ``base_imgs``; ``cands["oracle"]`` is the reference): sim, function_fidelity, weight_cosine, no_face."""
+    from pipeline_data.adapter_train import encode_latents, unet_conditioning
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    caption = recipe.get("caption", "a photo of sks person")
+    seeds = list(range(cfg.seeds))
+    heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
+    # function fidelity inputs: the identity's photos, fixed noise and timesteps
+    g = torch.Generator().manual_seed(0)
+    lat = encode_latents(pipe, identity_crops(rec, encoder, size, recipe.get("crop_padding", 0.3)), g, flip=False)
+    ts = torch.tensor(cfg.timesteps).repeat_interleave(len(lat))
+    lat = lat.repeat(len(cfg.timesteps), 1, 1, 1)
+    noise = torch.randn(lat.shape, generator=g)
+    cond = unet_conditioning(pipe, caption, len(lat), size, size)
+    eps = {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
+    d_oracle = _delta_vector(pipe.unet, cands["oracle"])
+    den = float(((eps["base"] - eps["oracle"]) ** 2).mean()) if "base" in eps else 0.0
+    out = {}
+    for c, a in cands.items():
+        if a is None:
+            imgs = base_imgs
+        else:
+            state = apply_adapter(pipe.unet, a)
+            try:
+                imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
+            finally:
+                restore(pipe.unet, state)
+        emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
+        sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
+        no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))
+        fid = 1.0 - float(((eps[c] - eps["oracle"]) ** 2).mean()) / den if den > 0 else float("nan")
+        dv = _delta_vector(pipe.unet, a) if a is not None else torch.zeros_like(d_oracle)
+        cos = (
+            float(torch.nn.functional.cosine_similarity(dv.double(), d_oracle.double(), dim=0))
+            if dv.norm() > 0
+            else 0.0
+        )
+        out[c] = {"sim": sim, "function_fidelity": fid, "weight_cosine": cos, "no_face": no_face}
+    return out
 
 
 def variant_name(cfg_scale: float, samples: int, steps: int) -> str:

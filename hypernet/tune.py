@@ -41,7 +41,7 @@ def tune_sampling(
     sample_steps: tuple[int, ...] = (1, 25),
     limit: int | None = 16,
     seeds: int = 4,
-    max_no_face_increase: float = 0.05,
+    max_no_face_increase: float = 0.02,
     write: bool = True,
     progress: bool = False,
 ) -> dict:

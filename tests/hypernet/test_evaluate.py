@@ -130,3 +130,28 @@ def test_tune_choice_respects_the_no_face_bound(scores, base_no_face, want_cfg, 
 
     best, ok = choose_option(scores, base_no_face, 0.05)
     assert best["cfg_scale"] == want_cfg and ok is met
+
+
+def test_score_candidates_is_pinned_by_the_oracle(eval_setup) -> None:
+    """The per-identity scorer (also used by bench/fidelity_ceiling.py): a copy of the oracle scores exactly like
+    the oracle, the base model has fidelity 0."""
+    from diffusers import DDPMScheduler
+
+    from hypernet.adapter_data import load_adapter_dataset
+    from hypernet.evaluate import score_candidates
+    from pipeline_data.check import generate
+    from pipeline_data.faces import get_encoder
+
+    ds_dir, _ = eval_setup
+    ds = load_adapter_dataset(ds_dir, token_dim=64, splits=("eval",))
+    pipe = load_pipeline(ds.recipe["base"])
+    cfg = EvalConfig(seeds=1, gen_steps=2, timesteps=(400,))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    base_imgs = generate(pipe, ds.recipe["caption"], [0], steps=2, guidance=cfg.guidance, size=size)
+    cands = {"base": None, "oracle": ds.adapter(0), "copy": ds.adapter(0)}
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    res = score_candidates(pipe, sched, get_encoder(ds.face_backend), ds.records[0], cands, cfg, base_imgs, ds.recipe)
+    assert res["copy"]["function_fidelity"] == pytest.approx(1.0) and res["base"]["function_fidelity"] == 0.0
+    assert res["copy"]["sim"] == pytest.approx(res["oracle"]["sim"])
+    assert res["copy"]["weight_cosine"] == pytest.approx(1) and res["base"]["weight_cosine"] == 0.0
+    assert set(res["base"]) == {"sim", "function_fidelity", "weight_cosine", "no_face"}
