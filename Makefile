@@ -55,6 +55,7 @@ tiny-assets: setup
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json \
 		--mlp-epochs 40 --mlp-scales $(MLP_SCALE)
 	$(BIN)/python bench/fidelity_ceiling.py
+	$(BIN)/python bench/samples.py
 	$(BIN)/python bench/personalize.py
 	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 40 --val 4 --eval 10 \
 		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=4 \
