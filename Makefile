@@ -54,6 +54,8 @@ tiny-assets: setup
 		--seeds 4 --baselines mlp --mlp-epochs 40 --mlp-scales 2,4,6,8 --out bench/results/quality_val_mlp.json
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --out bench/results/quality.json \
 		--mlp-epochs 40 --mlp-scales $(MLP_SCALE)
+	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --baselines autoencoder \
+		--out bench/results/quality_autoencoder.json
 	$(BIN)/python bench/fidelity_ceiling.py
 	$(BIN)/python bench/samples.py
 	$(BIN)/python bench/personalize.py

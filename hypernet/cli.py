@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         "--split", choices=("eval", "val"), default="eval", help="eval: the table; val: tune sampling options on"
     )
     e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
-    e.add_argument("--baselines", default="mean,nearest,mlp", help="comma-separated baselines to run ('' for none)")
+    e.add_argument(
+        "--baselines", default="mean,nearest,mlp",
+        help="comma-separated baselines to run ('' for none): mean, nearest, mlp, autoencoder (the oracle through "
+        "the hypernet's autoencoder)",
+    )  # fmt: skip
     e.add_argument(
         "--mlp-scales", default="", help="extra rows: the MLP's deviation from the mean amplified x s, e.g. 2,4,6"
     )

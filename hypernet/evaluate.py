@@ -1,7 +1,9 @@
 """The evaluation table: the hypernet against baselines on held-out (``eval`` split) identities.
 
 Candidates (all on the same identities, seeds and noise): ``base`` (no adapter), ``mean`` (training-set mean
-adapter), ``nearest`` (adapter of the training identity with the closest face embedding), ``mlp`` (direct
+adapter), ``nearest`` (adapter of the training identity with the closest face embedding), optionally
+``autoencoder`` (the oracle adapter encoded and decoded by the hypernet's autoencoder: the autoencoder validated by
+the function of what it decodes), ``mlp`` (direct
 regression embedding -> tokens), ``hypernet`` (the diffusion hypernetwork) and ``oracle`` (the identity's own
 trained adapter). Metrics per identity, averaged with bootstrap intervals over identities:
 
@@ -29,7 +31,9 @@ from weights.adapter import Adapter
 from weights.apply import apply_adapter, restore
 from weights.methods import get_method, method_config
 
-CANDIDATES = ("base", "mean", "nearest", "mlp", "hypernet", "oracle")
+CANDIDATES = ("base", "mean", "nearest", "mlp", "autoencoder", "hypernet", "oracle")
+OPTIONAL = ("mean", "nearest", "mlp", "autoencoder")  # candidates chosen with ``EvalConfig.baselines``
+COLORS = {"base": "#999", "hypernet": "#c33", "oracle": "#36c", "autoencoder": "#e9a"}  # others: light grey
 
 
 @dataclass
@@ -46,7 +50,7 @@ class EvalConfig:
     mlp_epochs: int = 300  # regression-MLP baseline training epochs
     split: str = "eval"  # identities evaluated: eval (the table) | val (tuning sampling options, never eval)
     samples: int | None = None  # hypernet samples averaged per prediction (None: the checkpoint's default)
-    baselines: tuple[str, ...] = ("mean", "nearest", "mlp")  # baselines run besides base and oracle
+    baselines: tuple[str, ...] = ("mean", "nearest", "mlp")  # besides base and oracle; also: autoencoder
     progress: bool = False  # progress bar over the evaluated identities
     variants: tuple[tuple[float, int, int], ...] = ()  # extra hypernet (cfg_scale, samples, steps) rows (tuning)
     mlp_scales: tuple[float, ...] = ()  # extra rows: the MLP's deviation from the mean adapter amplified x s
@@ -56,9 +60,9 @@ class EvalConfig:
             raise ValueError(f"split must be 'eval' or 'val', got {self.split!r}")
         self.variants = tuple((float(c), int(n), int(k)) for c, n, k in self.variants)  # JSON gives lists
         self.mlp_scales = tuple(float(x) for x in self.mlp_scales)
-        unknown = set(self.baselines) - {"mean", "nearest", "mlp"}
+        unknown = set(self.baselines) - set(OPTIONAL)
         if unknown:
-            raise ValueError(f"unknown baselines {sorted(unknown)}; choose from mean, nearest, mlp")
+            raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(OPTIONAL)}")
 
 
 def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
@@ -145,8 +149,15 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         "nearest": NearestNeighbour,
         "mlp": lambda: RegressionMLP(MLPConfig(epochs=cfg.mlp_epochs)),
     }
+    if "autoencoder" in cfg.baselines:  # the oracle through the latent: what the autoencoder keeps of its function
+        model = predictor.hypernet.model
+        with torch.no_grad():
+            raw = ds.data.tokens[eval_rows].to(model.mask.device)
+            tokens["autoencoder"] = model.decode_raw(model.encode_raw(raw)).float().cpu()  # (B, T, D)
+        seconds["autoencoder"] = 0.0
     fitted = {}
-    for name in cfg.baselines + (("mlp",) if cfg.mlp_scales and "mlp" not in cfg.baselines else ()):
+    extra = ["mlp"] if cfg.mlp_scales and "mlp" not in cfg.baselines else []
+    for name in [b for b in cfg.baselines if b != "autoencoder"] + extra:
         fitted[name] = models[name]().fit(train)
         t0 = time.perf_counter()
         tokens[name] = fitted[name].predict(conds)
@@ -170,7 +181,7 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     seeds = list(range(cfg.seeds))
     caption = ds.recipe.get("caption", "a photo of sks person")
-    names = [c for c in CANDIDATES if c not in ("mean", "nearest", "mlp") or c in cfg.baselines]
+    names = [c for c in CANDIDATES if c not in OPTIONAL or c in cfg.baselines]
     names += [n for n in [*hyper_rows, *tokens] if n not in names]
     per: dict[str, dict[str, dict]] = {c: {} for c in names}
     base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
@@ -293,7 +304,7 @@ def write_results(res: dict, out_file: str | Path) -> None:
         vals = [rows[n][key] for n in names]
         ci = np.array([rows[n][f"{key}_ci95"] for n in names]).T
         err = np.abs(ci - np.array(vals)[None])
-        ax.bar(names, vals, yerr=err, color=["#999", "#bbb", "#bbb", "#bbb", "#c33", "#36c"][: len(names)])
+        ax.bar(names, vals, yerr=err, color=[COLORS.get(n, "#bbb") for n in names])
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(f"{key.replace('_', ' ')} ({res['n_identities']} held-out identities)")
         ax.tick_params(axis="x", rotation=30)

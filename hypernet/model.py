@@ -48,7 +48,9 @@ class HypernetModel(nn.Module):
 
     # tokens: raw (B, T, D) <-> normalised (B, T, D); padded entries are 0 in both
     def normalize_tokens(self, raw: Tensor) -> Tensor:
-        return (raw - self.token_mean) / self.token_std * self.mask
+        # a zero std (the untrained predictor pins every token to its mean) maps to 0, not to inf/NaN
+        z = (raw - self.token_mean) / torch.where(self.token_std > 0, self.token_std, torch.ones_like(self.token_std))
+        return z * (self.token_std > 0) * self.mask
 
     def denormalize_tokens(self, norm: Tensor) -> Tensor:
         return (norm * self.token_std + self.token_mean) * self.mask

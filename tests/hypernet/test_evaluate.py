@@ -61,12 +61,14 @@ def test_eval_on_the_val_split_with_chosen_baselines(eval_setup, tmp_path: Path)
         r["split"] = "val" if r["split"] == "eval" else r["split"]
     (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     cfg = EvalConfig(
-        seeds=1, gen_steps=3, sample_steps=3, timesteps=(300,), split="val", baselines=("mean",), samples=2,
-        mlp_epochs=2, mlp_scales=(3,), variants=([2, 1, 1],),
+        seeds=1, gen_steps=3, sample_steps=3, timesteps=(300,), split="val", baselines=("mean", "autoencoder"),
+        samples=2, mlp_epochs=2, mlp_scales=(3,), variants=([2, 1, 1],),
     )  # fmt: skip
     res = evaluate(ds, ckpt, cfg)
     assert res["split"] == "val" and res["n_identities"] == 1
-    assert set(res["baselines"]) == {"base", "mean", "oracle"}
+    assert set(res["baselines"]) == {"base", "mean", "autoencoder", "oracle"}
+    # the untrained hypernet's autoencoder decodes every adapter to the mean init (ΔW = 0): the base model's function
+    assert res["baselines"]["autoencoder"]["function_fidelity"] == pytest.approx(0.0, abs=1e-6)
     assert set(res["variants"]) == {"mlp_x3", "hypernet_cfg2_x1_s1"}  # extra rows, same identities and seeds
     assert 0.0 <= res["variants"]["mlp_x3"]["no_face_rate"] <= 1.0
     assert res["config"]["samples"] == 2 and res["config"]["cfg_scale"] == 1.0  # the checkpoint's default
