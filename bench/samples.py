@@ -20,9 +20,8 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
 from hypernet.predict import Predictor  # noqa: E402
-from pipeline_data.check import generate  # noqa: E402
+from pipeline_data.check import generate_with  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
-from weights.apply import apply_adapter, restore  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     caption, seeds = ds.recipe.get("caption", "a photo of sks person"), list(range(args.seeds))
 
     def gen(adapter) -> np.ndarray:
-        state = apply_adapter(pipe.unet, adapter) if adapter is not None else None
-        try:
-            return generate(pipe, caption, seeds, steps=20, guidance=3.0, size=size)  # (K, s, s, 3)
-        finally:
-            if state is not None:
-                restore(pipe.unet, state)
+        return generate_with(pipe, adapter, caption, seeds, steps=20, guidance=3.0, size=size)  # (K, s, s, 3)
 
     rows = []
     for row in range(min(args.n, len(ds.records))):

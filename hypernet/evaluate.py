@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline_data.check import bootstrap_ci, generate
+from pipeline_data.check import bootstrap_ci, generate, generate_with
 from weights.adapter import Adapter
 from weights.apply import apply_adapter, restore
 from weights.methods import get_method, method_config
@@ -221,14 +221,11 @@ def score_candidates(
     den = float(((eps["base"] - eps["oracle"]) ** 2).mean()) if "base" in eps else 0.0
     out = {}
     for c, a in cands.items():
-        if a is None:
-            imgs = base_imgs
-        else:
-            state = apply_adapter(pipe.unet, a)
-            try:
-                imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
-            finally:
-                restore(pipe.unet, state)
+        imgs = (
+            base_imgs
+            if a is None
+            else generate_with(pipe, a, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
+        )
         emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
         sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
         no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))

@@ -52,6 +52,19 @@ def generate(pipe, prompt: str, seeds: Sequence[int], *, steps: int, guidance: f
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
+def generate_with(
+    pipe, adapter: Adapter | None, prompt: str, seeds: Sequence[int], *, steps: int, guidance: float, size: int,
+    scale: float = 1.0,
+) -> np.ndarray:  # fmt: skip
+    """:func:`generate` with ``adapter`` applied for the call (None = the base model); the UNet is restored."""
+    state = apply_adapter(pipe.unet, adapter, scale) if adapter is not None else None
+    try:
+        return generate(pipe, prompt, seeds, steps=steps, guidance=guidance, size=size)
+    finally:
+        if state is not None:
+            restore(pipe.unet, state)
+
+
 def generation_embeddings(
     pipe,
     encoder,
@@ -67,12 +80,7 @@ def generation_embeddings(
     """Face embeddings (K, E) of the generations of each adapter (None = the base model)."""
     out: dict[str, np.ndarray] = {}
     for name, adapter in adapters.items():
-        state = apply_adapter(pipe.unet, adapter, scale) if adapter is not None else None
-        try:
-            imgs = generate(pipe, prompt, seeds, steps=steps, guidance=guidance, size=size)
-        finally:
-            if state is not None:
-                restore(pipe.unet, state)
+        imgs = generate_with(pipe, adapter, prompt, seeds, steps=steps, guidance=guidance, size=size, scale=scale)
         out[name] = np.asarray(encoder.embed_images_as_faces(list(imgs)), dtype=np.float32)
     return out
 
