@@ -21,13 +21,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
-from hypernet.evaluate import EvalConfig, _ratio_summary, _summary, identity_crops, score_candidates  # noqa: E402
+from hypernet.evaluate import EvalConfig, identity_crops, score_candidates, summarize_candidates  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.check import generate  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(seeds=args.seeds)
     seeds = list(range(args.seeds))
     base_imgs = generate(pipe, recipe.caption, seeds, steps=ecfg.gen_steps, guidance=ecfg.guidance, size=size)
-    per: dict[str, list[dict]] = {}
+    per: dict[str, dict[str, dict]] = {}  # candidate -> identity -> metrics
     t0 = time.perf_counter()
     for row, rec in enumerate(ds.records[: args.n]):
         crops = identity_crops(rec, encoder, size, recipe.crop_padding)
@@ -62,24 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         half = train_identity(pipe, crops[::2], recipe, base_model=recipe.base).adapter
         cands = {"base": None, "oracle": ds.adapter(row), "reseeded": reseeded, "half_photos": half}
         for c, m in score_candidates(pipe, sched, encoder, rec, cands, ecfg, base_imgs, ds.recipe).items():
-            per.setdefault(c, []).append(m)
+            per.setdefault(c, {})[rec["identity"]] = m
         print(f"{row + 1}/{args.n} {rec['identity']} {time.perf_counter() - t0:.0f}s", flush=True)
-    base = np.array([m["sim"] for m in per["base"]])
-    oracle_gain = np.array([m["sim"] for m in per["oracle"]]) - base
-    rows = {}
-    for c, ms in per.items():
-        gain = np.array([m["sim"] for m in ms]) - base
-        rec_ = _ratio_summary(gain, oracle_gain)
-        fid = _summary([m["function_fidelity"] for m in ms])
-        rows[c] = {
-            "identity_recovery": rec_["mean"], "identity_recovery_ci95": rec_["ci95"],
-            "function_fidelity": fid["mean"], "function_fidelity_ci95": fid["ci95"],
-            "weight_cosine": float(np.mean([m["weight_cosine"] for m in ms])),
-            "no_face_rate": float(np.mean([m["no_face"] for m in ms])),
-        }  # fmt: skip
+    rows = summarize_candidates(per)
     doc = {
         "what": "re-trained adapters scored against the dataset's (bench/fidelity_ceiling.py)",
-        "n_identities": len(base),
+        "n_identities": len(per["oracle"]),
         "seeds": args.seeds,
         "identities": [r["identity"] for r in ds.records[: args.n]],
         "rows": rows,

@@ -156,18 +156,20 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
             tokens["autoencoder"] = model.decode_raw(model.encode_raw(raw)).float().cpu()  # (B, T, D)
         seconds["autoencoder"] = 0.0
     fitted = {}
-    extra = ["mlp"] if cfg.mlp_scales and "mlp" not in cfg.baselines else []
-    for name in [b for b in cfg.baselines if b != "autoencoder"] + extra:
+    for name in [b for b in cfg.baselines if b != "autoencoder"]:
         fitted[name] = models[name]().fit(train)
         t0 = time.perf_counter()
         tokens[name] = fitted[name].predict(conds)
         seconds[name] = (time.perf_counter() - t0) / len(conds)
-    for s in cfg.mlp_scales:  # the counterpart of the hypernet's CFG scale: amplify what the regression predicts
-        mean = fitted["mlp"].mean * fitted["mlp"].mask  # (T, D)
-        tokens[f"mlp_x{s:g}"] = mean + s * (tokens["mlp"] - mean)
-        seconds[f"mlp_x{s:g}"] = seconds["mlp"]
-    if cfg.mlp_scales and "mlp" not in cfg.baselines:
-        del tokens["mlp"]
+    if cfg.mlp_scales:  # the counterpart of the hypernet's CFG scale: amplify what the regression predicts
+        mlp = fitted["mlp"] if "mlp" in fitted else models["mlp"]().fit(train)
+        t0 = time.perf_counter()
+        pred = tokens["mlp"] if "mlp" in tokens else mlp.predict(conds)  # (B, T, D)
+        per_id = seconds.get("mlp", (time.perf_counter() - t0) / len(conds))
+        mean = mlp.mean * mlp.mask  # (T, D)
+        for s in cfg.mlp_scales:
+            tokens[f"mlp_x{s:g}"] = mean + s * (pred - mean)
+            seconds[f"mlp_x{s:g}"] = per_id
     main = (cfg.cfg_scale, cfg.samples, cfg.sample_steps)
     hyper_rows = {"hypernet": main} | {variant_name(*v): v for v in cfg.variants if v != main}
     for name, (scale, n, steps) in hyper_rows.items():
@@ -194,7 +196,7 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         scores = score_candidates(pipe, sched, encoder, rec, cands, cfg, base_imgs, ds.recipe)
         for c, m in scores.items():
             per[c][rec["identity"]] = m
-    return _tabulate(per, seconds, eval_rows, cfg)
+    return _tabulate(per, seconds, cfg)
 
 
 @torch.no_grad()
@@ -251,29 +253,39 @@ def _upscale(im: np.ndarray, side: int = 150) -> np.ndarray:
     return np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BICUBIC))
 
 
-def _tabulate(per: dict, seconds: dict, eval_rows: list[int], cfg: EvalConfig) -> dict:
+def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, float] | None = None) -> dict:
+    """Per-candidate rows of the table from per-identity metrics ``per[candidate][identity]`` (as returned by
+    :func:`score_candidates`; needs ``base`` and ``oracle``): recovery and fidelity with bootstrap intervals,
+    identity gain, mean weight cosine, no-face rate and seconds per identity."""
     ids = list(per["oracle"])
     base = np.array([per["base"][i]["sim"] for i in ids])
     oracle_gain = np.array([per["oracle"][i]["sim"] for i in ids]) - base
     rows = {}
     for c in per:
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
+        recovery = _ratio_summary(gain, oracle_gain)
+        fidelity = _summary([per[c][i]["function_fidelity"] for i in ids])
         rows[c] = {
-            "identity_recovery": _ratio_summary(gain, oracle_gain)["mean"],
-            "identity_recovery_ci95": _ratio_summary(gain, oracle_gain)["ci95"],
+            "identity_recovery": recovery["mean"],
+            "identity_recovery_ci95": recovery["ci95"],
             "identity_gain": _summary(list(gain)),
-            "function_fidelity": _summary([per[c][i]["function_fidelity"] for i in ids])["mean"],
-            "function_fidelity_ci95": _summary([per[c][i]["function_fidelity"] for i in ids])["ci95"],
+            "function_fidelity": fidelity["mean"],
+            "function_fidelity_ci95": fidelity["ci95"],
             "weight_cosine": float(np.mean([per[c][i]["weight_cosine"] for i in ids])),
             "no_face_rate": float(np.mean([per[c][i]["no_face"] for i in ids])),
-            "seconds_per_identity": seconds.get(c, 0.0),
+            "seconds_per_identity": (seconds or {}).get(c, 0.0),
         }
+    return rows
+
+
+def _tabulate(per: dict, seconds: dict, cfg: EvalConfig) -> dict:
+    rows = summarize_candidates(per, seconds)
     h = rows["hypernet"]
     variants = {c: rows[c] for c in rows if c not in CANDIDATES}
     return {
         "identity_recovery": h["identity_recovery"],
         "function_fidelity": h["function_fidelity"],
-        "n_identities": len(ids),
+        "n_identities": len(per["oracle"]),
         "hypernet": h,
         "baselines": {c: rows[c] for c in rows if c in CANDIDATES and c != "hypernet"},
         **({"variants": variants} if variants else {}),
