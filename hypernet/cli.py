@@ -80,15 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _numbers(text: str, flag: str, kind: type = float) -> tuple:
+    """A comma-separated option value ("1,2,4") as a tuple of ``kind``; a clear error naming the flag."""
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def _tune(args: argparse.Namespace) -> int:
     from .tune import tune_sampling
 
-    try:
-        scales = tuple(float(x) for x in args.cfg_scales.split(",") if x)
-        samples = tuple(int(x) for x in args.samples.split(",") if x)
-        steps = tuple(int(x) for x in args.steps.split(",") if x)
-    except ValueError as e:
-        raise ValueError(f"--cfg-scales/--samples/--steps must be comma-separated numbers ({e})") from None
+    scales = _numbers(args.cfg_scales, "--cfg-scales", float)
+    samples = _numbers(args.samples, "--samples", int)
+    steps = _numbers(args.steps, "--steps", int)
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     res = tune_sampling(
@@ -125,13 +130,6 @@ def _train_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-
-
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_config
     from .evaluate import EvalConfig, evaluate, write_results
@@ -140,7 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs,
         split=args.split, samples=args.samples, baselines=tuple(b for b in args.baselines.split(",") if b),
-        mlp_scales=_floats(args.mlp_scales, "--mlp-scales"), progress=True,
+        mlp_scales=_numbers(args.mlp_scales, "--mlp-scales"), progress=True,
     )  # fmt: skip
     res = evaluate(args.dataset, args.checkpoint, cfg)
     write_results(res, args.out)
