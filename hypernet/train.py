@@ -13,6 +13,7 @@ is checkpointed, so a resumed run continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import shutil
@@ -120,6 +121,12 @@ class Trainer:
             self._finish_autoencoder()
         else:
             self.opt = self._make_optimizer()
+
+    @property
+    def data_fingerprint(self) -> str:
+        """Hash of the training identities and token shape: a resumed run must train on the same data."""
+        h = hashlib.sha256(json.dumps([sorted(self.train_set.names), list(self.train_set.tokens.shape)]).encode())
+        return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ stages
 
@@ -242,7 +249,7 @@ class Trainer:
         self.export(tmp)
         opt_t = optimizer_tensors(self.opt, self._named_params()) | {"rng.train": self.gen.get_state()}
         atomic_save_tensors(opt_t, tmp / OPTIMIZER_NAME)
-        state = {"step": self.step, "stage": self.stage, "ae_done": self.ae_done}
+        state = {"step": self.step, "stage": self.stage, "ae_done": self.ae_done, "data": self.data_fingerprint}
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
@@ -269,9 +276,14 @@ class Trainer:
         for section in ("autoencoder", "denoiser"):
             if getattr(saved, section) != getattr(self.cfg, section):
                 raise ValueError(f"{ckpt}: its {section} config differs from this run's; use a new --out directory")
+        state = json.loads((ckpt / STATE_NAME).read_text())
+        if state.get("data", self.data_fingerprint) != self.data_fingerprint:  # checkpoints before the field: trusted
+            raise ValueError(
+                f"{ckpt} was trained on other identities than this run's {len(self.train_set)}; "
+                "use a new --out directory"
+            )
         self.model.load_state_dict(load_state(ckpt / MODEL_NAME, self.device))
         self.ema.load_state_dict(load_state(ckpt / EMA_NAME, self.device))
-        state = json.loads((ckpt / STATE_NAME).read_text())
         self.step, self.ae_done = int(state["step"]), bool(state["ae_done"])
         self.opt = self._make_optimizer()
         t = load_state(ckpt / OPTIMIZER_NAME)

@@ -79,6 +79,15 @@ def test_resume_refuses_a_different_model(tmp_path):
         train(cfg, data, tmp_path, device="cpu", progress=False)
 
 
+def test_resume_refuses_other_identities(tmp_path):
+    """A run continued on more (or other) identities would silently keep the old fit: it must be refused."""
+    data = tiny_data(24)
+    train(tiny_config(), data.subset(list(range(16))), tmp_path, device="cpu", progress=False, stop_after=4)
+    with pytest.raises(ValueError, match="other identities"):
+        train(tiny_config(), data, tmp_path, device="cpu", progress=False)
+    train(tiny_config(), data.subset(list(range(16))), tmp_path, device="cpu", progress=False)  # same data resumes
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path):
     data = tiny_data(24)
     out = train(tiny_config(ae_steps=3, dn_steps=3, amp="bf16"), data, tmp_path, device="cpu", progress=False)
