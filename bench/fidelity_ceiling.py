@@ -4,10 +4,14 @@ Function fidelity asks a candidate to reproduce the oracle adapter's effect on t
 identity's training photos. Part of that effect is specific to the one training run (its seed: noise,
 timesteps, batches) and to the exact photos, which no predictor from photos can know. This bench measures that
 ceiling with adapters that know *more* than any zero-shot predictor: the same recipe on the same photos with
-another seed (``reseeded``), and the same recipe on half of the photos (``half_photos``). Both are scored exactly
-like the evaluation table's candidates (same identities' held-out photos, generation seeds, noise, timesteps).
+another seed (``reseeded``), and the same recipe on half of the photos (``half_photos``), next to the shipped
+hypernet at its tuned sampling options (``hypernet``) and at CFG 1 (``hypernet_cfg1``: the plain posterior mean,
+the prediction with the smallest expected error). All are scored exactly like the evaluation table's candidates
+(same identities' held-out photos, generation seeds, noise, timesteps), including fidelity on the held-out photos
+and the cosine of the effects (direction without magnitude).
 
-    .venv/bin/python bench/fidelity_ceiling.py [--dataset data/tiny-lora] [--n 16] [--seeds 8]
+    .venv/bin/python bench/fidelity_ceiling.py [--dataset data/tiny-lora] [--checkpoint assets/tiny/hypernet]
+        [--n 16] [--seeds 8]
 
 Writes bench/results/fidelity_ceiling.json and prints a table.
 """
@@ -26,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
 from hypernet.evaluate import EvalConfig, identity_crops, score_candidates, summarize_candidates  # noqa: E402
+from hypernet.predict import Predictor  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.check import generate  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
@@ -37,13 +42,20 @@ from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=REPO / "data" / "tiny-lora")
+    ap.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "tiny" / "hypernet")
     ap.add_argument("--n", type=int, default=16, help="eval identities (the first N)")
     ap.add_argument("--seeds", type=int, default=8, help="generations per candidate and identity")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fidelity_ceiling.json")
     args = ap.parse_args(argv)
     from diffusers import DDPMScheduler
 
-    ds = load_adapter_dataset(args.dataset, token_dim=512, splits=("eval",))
+    predictor = Predictor.load(args.checkpoint)
+    ds = load_adapter_dataset(
+        args.dataset,
+        token_dim=predictor.layout.token_dim,
+        canonicalize=predictor.layout.canonicalize,
+        splits=("eval",),
+    )
     recipe = BuildConfig.from_dict(ds.recipe)
     pipe = load_pipeline(recipe.base)
     encoder = get_encoder(ds.face_backend)
@@ -58,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         crops = identity_crops(rec, encoder, size, recipe.crop_padding)
         reseeded = train_identity(pipe, crops, replace(recipe, seed=recipe.seed + 1), base_model=recipe.base).adapter
         half = train_identity(pipe, crops[::2], recipe, base_model=recipe.base).adapter
-        cands = {"base": None, "oracle": ds.adapter(row), "reseeded": reseeded, "half_photos": half}
+        cond = ds.data.cond[row]  # (P, E) the identity's photos' face embeddings
+        cands = {
+            "base": None, "oracle": ds.adapter(row), "reseeded": reseeded, "half_photos": half,
+            "hypernet": predictor.predict(cond), "hypernet_cfg1": predictor.predict(cond, cfg_scale=1.0),
+        }  # fmt: skip
         for c, m in score_candidates(pipe, sched, encoder, rec, cands, ecfg, base_imgs, ds.recipe).items():
             per.setdefault(c, {})[rec["identity"]] = m
         print(f"{row + 1}/{args.n} {rec['identity']} {time.perf_counter() - t0:.0f}s", flush=True)
@@ -67,16 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         "what": "re-trained adapters scored against the dataset's (bench/fidelity_ceiling.py)",
         "n_identities": len(per["oracle"]),
         "seeds": args.seeds,
+        "hypernet": {"checkpoint": str(args.checkpoint), "cfg_scale": predictor.cfg_scale, "steps": predictor.steps},
         "identities": [r["identity"] for r in ds.records[: args.n]],
         "rows": rows,
     }
     atomic_write_bytes(args.out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    print(f"{'candidate':<12} {'id. recovery':>13} {'fn fidelity (95% CI)':>28} {'w. cosine':>10}")
+    print(
+        f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity (95% CI)':>28} {'held-out':>9} {'fn cosine':>10}"
+        f" {'w. cosine':>10}"
+    )
     for c, r in rows.items():
         lo, hi = r["function_fidelity_ci95"]
         print(
-            f"{c:<12} {r['identity_recovery']:13.3f} {r['function_fidelity']:10.3f} [{lo:+.3f}, {hi:+.3f}]"
-            f" {r['weight_cosine']:10.3f}"
+            f"{c:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:10.3f} [{lo:+.3f}, {hi:+.3f}]"
+            f" {r['function_fidelity_heldout']:9.3f} {r['function_cosine']:10.3f} {r['weight_cosine']:10.3f}"
         )
     return 0
 

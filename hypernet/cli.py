@@ -144,10 +144,14 @@ def _eval(args: argparse.Namespace) -> int:
     write_results(res, args.out)
     rows = {**res["baselines"], **res.get("variants", {}), "hypernet": res["hypernet"]}
     print(f"{res['n_identities']} held-out identities")
-    print(f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity':>12} {'w. cosine':>10} {'no-face':>8} {'s/id':>8}")
+    print(
+        f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity':>12} {'(held-out)':>11} {'fn cosine':>10} "
+        f"{'w. cosine':>10} {'no-face':>8} {'s/id':>8}"
+    )
     for name, r in rows.items():
         print(
-            f"{name:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} {r['weight_cosine']:10.3f} "
+            f"{name:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} "
+            f"{r['function_fidelity_heldout']:11.3f} {r['function_cosine']:10.3f} {r['weight_cosine']:10.3f} "
             f"{r['no_face_rate']:8.2f} {r['seconds_per_identity']:8.4f}"
         )
     return 0

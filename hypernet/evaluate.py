@@ -11,7 +11,11 @@ trained adapter). Metrics per identity, averaged with bootstrap intervals over i
   gain a candidate recovers. sim = face similarity of its generations (fixed seeds) to the identity's held-out
   photos. (A ratio of sums: per-identity ratios explode where the oracle's own gain is near zero.)
 * function fidelity = 1 − E‖ε_x − ε_oracle‖² / E‖ε_base − ε_oracle‖² on the identity's photos at fixed noise
-  and timesteps (how much of the oracle adapter's effect on the denoiser the candidate reproduces);
+  and timesteps (how much of the oracle adapter's effect on the denoiser the candidate reproduces); also on its
+  held-out photos (``function_fidelity_heldout``: the part of the effect that is not the oracle's memory of its
+  training photos), and the cosine between the candidate's and the oracle's effects ε_x − ε_base and
+  ε_oracle − ε_base on the training photos (``function_cosine``: direction without magnitude; its square is the
+  fidelity the candidate would reach at the best scale of its effect);
 * weight cosine of the candidate's ΔW to the oracle's; the no-face rate of its generations; seconds/identity.
 """
 
@@ -75,12 +79,13 @@ def _delta_vector(unet, adapter: Adapter | None) -> torch.Tensor:
     return torch.cat(out)
 
 
-def identity_crops(rec: dict, encoder, size: int, padding: float) -> np.ndarray:
-    """The aligned crops of an identity's training photos (``photos_used``), as the data build made them."""
+def identity_crops(rec: dict, encoder, size: int, padding: float, photos: str = "photos_used") -> np.ndarray:
+    """The aligned crops of an identity's training photos (``photos_used``; ``"heldout"`` for the held-out ones),
+    as the data build made them."""
     from pipeline_data.tiny.crops import aligned_crop
 
     crops = []
-    for name in rec["photos_used"]:
+    for name in rec[photos]:
         rgb = encoder.load_rgb(str(Path(rec["source"]) / name))
         crops.append(aligned_crop(encoder, rgb, encoder.embed(rgb).face, size, padding))
     return np.stack(crops)
@@ -204,23 +209,19 @@ def score_candidates(
     pipe, sched, encoder, rec: dict, cands: dict[str, Adapter | None], cfg: EvalConfig, base_imgs, recipe: dict
 ) -> dict[str, dict]:
     """One identity's metrics for every candidate adapter (``None`` = the base model, whose images are
-    ``base_imgs``; ``cands["oracle"]`` is the reference): sim, function_fidelity, weight_cosine, no_face."""
-    from pipeline_data.adapter_train import encode_latents, unet_conditioning
-
+    ``base_imgs``; ``cands["oracle"]`` is the reference): sim, function_fidelity, function_fidelity_heldout,
+    function_cosine, weight_cosine, no_face."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     caption = recipe.get("caption", "a photo of sks person")
     seeds = list(range(cfg.seeds))
     heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
-    # function fidelity inputs: the identity's photos, fixed noise and timesteps
-    g = torch.Generator().manual_seed(0)
-    lat = encode_latents(pipe, identity_crops(rec, encoder, size, recipe.get("crop_padding", 0.3)), g, flip=False)
-    ts = torch.tensor(cfg.timesteps).repeat_interleave(len(lat))
-    lat = lat.repeat(len(cfg.timesteps), 1, 1, 1)
-    noise = torch.randn(lat.shape, generator=g)
-    cond = unet_conditioning(pipe, caption, len(lat), size, size)
-    eps = {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
+    # function fidelity inputs: the identity's training and held-out photos, fixed noise and timesteps
+    pad = recipe.get("crop_padding", 0.3)
+    eps = _photo_eps(pipe, sched, cands, identity_crops(rec, encoder, size, pad), cfg.timesteps, caption, 0)
+    eps_ho = _photo_eps(
+        pipe, sched, cands, identity_crops(rec, encoder, size, pad, "heldout"), cfg.timesteps, caption, 1
+    )
     d_oracle = _delta_vector(pipe.unet, cands["oracle"])
-    den = float(((eps["base"] - eps["oracle"]) ** 2).mean()) if "base" in eps else 0.0
     out = {}
     for c, a in cands.items():
         imgs = (
@@ -231,15 +232,44 @@ def score_candidates(
         emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
         sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
         no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))
-        fid = 1.0 - float(((eps[c] - eps["oracle"]) ** 2).mean()) / den if den > 0 else float("nan")
+        fid, fcos = _fidelity(eps, c)
+        fid_ho, _ = _fidelity(eps_ho, c)
         dv = _delta_vector(pipe.unet, a) if a is not None else torch.zeros_like(d_oracle)
         cos = (
             float(torch.nn.functional.cosine_similarity(dv.double(), d_oracle.double(), dim=0))
             if dv.norm() > 0
             else 0.0
         )
-        out[c] = {"sim": sim, "function_fidelity": fid, "weight_cosine": cos, "no_face": no_face}
+        out[c] = {
+            "sim": sim, "function_fidelity": fid, "function_fidelity_heldout": fid_ho, "function_cosine": fcos,
+            "weight_cosine": cos, "no_face": no_face,
+        }  # fmt: skip
     return out
+
+
+def _photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: str, seed: int) -> dict:
+    """Every candidate's noise prediction on the crops, at fixed VAE samples, noise and timesteps."""
+    from pipeline_data.adapter_train import encode_latents, unet_conditioning
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(seed)
+    lat = encode_latents(pipe, crops, g, flip=False)
+    ts = torch.tensor(timesteps).repeat_interleave(len(lat))
+    lat = lat.repeat(len(timesteps), 1, 1, 1)  # (len(ts) * N, C, h, w)
+    noise = torch.randn(lat.shape, generator=g)
+    cond = unet_conditioning(pipe, caption, len(lat), size, size)
+    return {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
+
+
+def _fidelity(eps: dict, c: str) -> tuple[float, float]:
+    """(function fidelity, cosine of the effects) of candidate ``c`` against ``eps["oracle"]``, both from base."""
+    if "base" not in eps:
+        return float("nan"), float("nan")
+    d_o, d_c = eps["oracle"] - eps["base"], eps[c] - eps["base"]
+    den = float((d_o**2).mean())
+    fid = 1.0 - float(((d_c - d_o) ** 2).mean()) / den if den > 0 else float("nan")
+    norm = float(d_c.norm() * d_o.norm())
+    return fid, (float((d_c * d_o).sum()) / norm if norm > 0 else 0.0)
 
 
 def variant_name(cfg_scale: float, samples: int, steps: int) -> str:
@@ -265,12 +295,23 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
         recovery = _ratio_summary(gain, oracle_gain)
         fidelity = _summary([per[c][i]["function_fidelity"] for i in ids])
+        held = [per[c][i].get("function_fidelity_heldout") for i in ids]
+        held = _summary(held) if None not in held else None  # tables scored before the field have none
         rows[c] = {
             "identity_recovery": recovery["mean"],
             "identity_recovery_ci95": recovery["ci95"],
             "identity_gain": _summary(list(gain)),
             "function_fidelity": fidelity["mean"],
             "function_fidelity_ci95": fidelity["ci95"],
+            **(
+                {
+                    "function_fidelity_heldout": held["mean"],
+                    "function_fidelity_heldout_ci95": held["ci95"],
+                    "function_cosine": float(np.mean([per[c][i]["function_cosine"] for i in ids])),
+                }
+                if held
+                else {}
+            ),
             "weight_cosine": float(np.mean([per[c][i]["weight_cosine"] for i in ids])),
             "no_face_rate": float(np.mean([per[c][i]["no_face"] for i in ids])),
             "seconds_per_identity": (seconds or {}).get(c, 0.0),
