@@ -83,21 +83,30 @@ class LinearAutoencoder(nn.Module):
             "ae_latent_fitted_share": float(ev[:k].sum() / ev.sum()),  # of the fitted variance, kept by k dims
         }
 
-    def _entries(self) -> Tensor:
-        return self.real.flatten().nonzero().squeeze(1)  # (n,) flat indices of the stored entries
+    def _working(self) -> tuple[Tensor, Tensor]:
+        """(float32 basis (k, n), flat indices of the stored entries (n,)), converted once per basis: the float16
+        basis keeps checkpoints small, converting it on every call cost a third of a prediction."""
+        b, r = self.basis, self.real
+        src = self.__dict__.get("_work_src")  # holds the tensors themselves: identity, not an address, is compared
+        if src is None or src[0] is not b or src[1] != b._version or src[2] is not r or src[3] != r._version:
+            self.__dict__["_work"] = (b.float(), r.flatten().nonzero().squeeze(1))
+            self.__dict__["_work_src"] = (b, b._version, r, r._version)
+        return self.__dict__["_work"]
 
     def encode(self, x: Tensor) -> Tensor:
         """x (B, T, D) normalised tokens -> latent (B, T_lat, D_lat), unit std per coordinate on training data."""
-        flat = x.flatten(1)[:, self._entries()].float()  # (B, n)
-        z = (flat @ self.basis.float().T) / self.scale  # (B, k)
+        basis, entries = self._working()
+        flat = x.flatten(1)[:, entries].float()  # (B, n)
+        z = (flat @ basis.T) / self.scale  # (B, k)
         return z.view(-1, self.cfg.latent_tokens, self.cfg.latent_dim)
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, T_lat, D_lat) -> normalised tokens (B, T, D) (padded entries 0)."""
         B, T, D = z.shape[0], self.cfg.num_tokens, self.cfg.token_dim
-        flat = (z.flatten(1).float() * self.scale) @ self.basis.float()  # (B, n)
+        basis, entries = self._working()
+        flat = (z.flatten(1).float() * self.scale) @ basis  # (B, n)
         out = flat.new_zeros(B, T * D)
-        out[:, self._entries()] = flat
+        out[:, entries] = flat
         return out.view(B, T, D)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -34,6 +34,27 @@ def _ae(k_tokens: int = 1, k_dim: int = 3, T: int = 6, D: int = 10) -> LinearAut
     return LinearAutoencoder(cfg)
 
 
+def test_cached_float_basis_follows_refits_and_loads() -> None:
+    """encode/decode keep a float32 copy of the float16 basis; a refit or a loaded state must replace it."""
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    a, b = _planted(seed=1), _planted(seed=2)
+    ae = _ae()
+    ae.fit(a[0], a[2], mask, ridge=1e-3)
+    z = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
+    first = ae.decode(z)
+    ae.fit(b[0], b[2], mask, ridge=1e-3)  # same shapes, other subspace
+    torch.testing.assert_close(ae.decode(z).flatten(1), (z.flatten(1) * ae.scale) @ ae.basis.float())
+    assert not torch.allclose(ae.decode(z), first)
+    other = _ae()
+    other.load_state_dict(ae.state_dict())
+    other.decode(z)  # fills its cache
+    ae.fit(a[0], a[2], mask, ridge=1e-3)
+    other.load_state_dict(ae.state_dict())  # loaded in place into the cached tensors
+    torch.testing.assert_close(other.decode(z), first)
+    other.basis.mul_(-1)  # edited in place
+    torch.testing.assert_close(other.decode(z), -first)
+
+
 def test_fit_finds_the_face_predictable_subspace_under_noise() -> None:
     x, signal, C = _planted()
     mask = torch.ones(6, 10, dtype=torch.bool)
