@@ -10,8 +10,14 @@ the prediction with the smallest expected error). All are scored exactly like th
 (same identities' held-out photos, generation seeds, noise, timesteps), including fidelity on the held-out photos
 and the cosine of the effects (direction without magnitude).
 
+``--average K`` (LoRA datasets) adds a second table against a less run-specific reference: the oracle becomes the
+average of K adapters trained with seeds 0..K-1 (ΔW averaged exactly, as one rank-K·r LoRA), scored for an
+average of K other seeds (``other_average``: that reference's own re-train ceiling), the dataset's single-seed
+adapter (``single_seed``) and the hypernet. It answers whether oracles averaged over seeds would make the
+fidelity target reachable for a predictor, or only for re-trained adapters.
+
     .venv/bin/python bench/fidelity_ceiling.py [--dataset data/tiny-lora] [--checkpoint assets/tiny/hypernet]
-        [--n 16] [--seeds 8]
+        [--n 16] [--seeds 8] [--average 3]
 
 Writes bench/results/fidelity_ceiling.json and prints a table.
 """
@@ -25,6 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -36,6 +44,7 @@ from pipeline_data.check import generate  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
+from weights.adapter import Adapter  # noqa: E402
 from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 
 
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "tiny" / "hypernet")
     ap.add_argument("--n", type=int, default=16, help="eval identities (the first N)")
     ap.add_argument("--seeds", type=int, default=8, help="generations per candidate and identity")
+    ap.add_argument("--average", type=int, default=0, help="also score against K-seed averaged oracles (LoRA)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fidelity_ceiling.json")
     args = ap.parse_args(argv)
     from diffusers import DDPMScheduler
@@ -64,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(seeds=args.seeds)
     seeds = list(range(args.seeds))
     base_imgs = generate(pipe, recipe.caption, seeds, steps=ecfg.gen_steps, guidance=ecfg.guidance, size=size)
+    if args.average and ds.spec.method != "lora":
+        ap.error(f"--average needs a LoRA dataset, this one is {ds.spec.method}")
     per: dict[str, dict[str, dict]] = {}  # candidate -> identity -> metrics
+    per_avg: dict[str, dict[str, dict]] = {}  # the same against the K-seed averaged oracle
     t0 = time.perf_counter()
     for row, rec in enumerate(ds.records[: args.n]):
         crops = identity_crops(rec, encoder, size, recipe.crop_padding)
@@ -77,8 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         for c, m in score_candidates(pipe, sched, encoder, rec, cands, ecfg, base_imgs, ds.recipe).items():
             per.setdefault(c, {})[rec["identity"]] = m
+        if args.average:
+            runs = [cands["oracle"], reseeded] + [
+                train_identity(pipe, crops, replace(recipe, seed=recipe.seed + s), base_model=recipe.base).adapter
+                for s in range(2, 2 * args.average)
+            ]
+            k = args.average
+            avg = {
+                "base": None, "oracle": average_lora(runs[:k]), "other_average": average_lora(runs[k:]),
+                "single_seed": cands["oracle"], "hypernet": cands["hypernet"], "hypernet_cfg1": cands["hypernet_cfg1"],
+            }  # fmt: skip
+            for c, m in score_candidates(pipe, sched, encoder, rec, avg, ecfg, base_imgs, ds.recipe).items():
+                per_avg.setdefault(c, {})[rec["identity"]] = m
         print(f"{row + 1}/{args.n} {rec['identity']} {time.perf_counter() - t0:.0f}s", flush=True)
     rows = summarize_candidates(per)
+    rows_avg = summarize_candidates(per_avg) if per_avg else None
     doc = {
         "what": "re-trained adapters scored against the dataset's (bench/fidelity_ceiling.py)",
         "n_identities": len(per["oracle"]),
@@ -86,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         "hypernet": {"checkpoint": str(args.checkpoint), "cfg_scale": predictor.cfg_scale, "steps": predictor.steps},
         "identities": [r["identity"] for r in ds.records[: args.n]],
         "rows": rows,
+        **({"seed_average": {"k": args.average, "rows": rows_avg}} if rows_avg else {}),
     }
     atomic_write_bytes(args.out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    _print(rows)
+    if rows_avg:
+        print(f"against the average of {args.average} seeds:")
+        _print(rows_avg)
+    return 0
+
+
+def _print(rows: dict) -> None:
     print(
         f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity (95% CI)':>28} {'held-out':>9} {'fn cosine':>10}"
         f" {'w. cosine':>10}"
@@ -98,7 +133,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{c:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:10.3f} [{lo:+.3f}, {hi:+.3f}]"
             f" {r['function_fidelity_heldout']:9.3f} {r['function_cosine']:10.3f} {r['weight_cosine']:10.3f}"
         )
-    return 0
+
+
+def average_lora(adapters: list[Adapter]) -> Adapter:
+    """One LoRA whose ΔW is the mean of the adapters' (same spec): A stacked, B stacked and divided by K, rank K·r.
+    Exact because ΔW = (alpha / r) B A and the stacked adapter keeps alpha / rank."""
+    k, spec = len(adapters), adapters[0].spec
+    if spec.method != "lora" or any(a.spec.hash() != spec.hash() for a in adapters):
+        raise ValueError("average_lora needs LoRA adapters of one spec")
+    alpha = spec.rank if spec.alpha is None else spec.alpha
+    tensors = {}
+    for name in adapters[0].tensors:
+        parts = [a.tensors[name] for a in adapters]
+        if name.endswith("::A"):
+            tensors[name] = torch.cat(parts, 0)  # (K r, in)
+        elif name.endswith("::B"):
+            tensors[name] = torch.cat(parts, 1) / k  # (out, K r)
+        else:
+            raise ValueError(f"unexpected LoRA tensor {name}")
+    return Adapter(replace(spec, rank=k * spec.rank, alpha=k * alpha), tensors)
 
 
 if __name__ == "__main__":
