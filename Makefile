@@ -56,10 +56,10 @@ tiny-assets: setup
 		--mlp-epochs 40 --mlp-scales $(MLP_SCALE)
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --baselines autoencoder \
 		--out bench/results/quality_autoencoder.json
-	$(BIN)/python bench/fidelity_ceiling.py
+	$(BIN)/python bench/fidelity_ceiling.py --average 3
 	$(BIN)/python bench/samples.py
 	$(BIN)/python bench/personalize.py
-	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 40 --val 4 --eval 10 \
+	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 120 --val 8 --eval 24 \
 		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=4 \
 		--hypernet-set autoencoder.latent_dim=8 --hypernet-set train.dn_steps=1000
 
