@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = replace(lora_cfg, method=m, lr=lr, check_identities=0, threads=0)
             build(folders, ds, cfg, ray_address=args.ray_address, progress=True)
         t_build = time.perf_counter() - t0
+        extra = sorted({p.stem for p in (ds / "records").glob("*.json")} - set(ids))
+        if extra:  # a work dir of a larger run: its hypernet would train on those identities too
+            sys.exit(f"{ds} holds {len(extra)} identities this run did not pick (e.g. {extra[0]}); use a new --work")
         hn = ds / "hypernet"
         fit = train_on_dataset(
             ds, hn, token_dim=METHODS[m]["token_dim"], settings=args.hypernet_set, device="cpu", progress=False
