@@ -35,6 +35,8 @@ class LinearAutoencoder(nn.Module):
         self.register_buffer("real", torch.ones(cfg.num_tokens, cfg.token_dim, dtype=torch.bool))  # (T, D) stored
         self.register_buffer("basis", torch.zeros(k, n, dtype=torch.float16))  # (k, n) orthonormal rows
         self.register_buffer("scale", torch.ones(k))  # (k,) std of the training coefficients
+        self._work: tuple[Tensor, Tensor] | None = None  # see _working
+        self._work_src: tuple | None = None  # the tensors (and versions) _work was made from
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # the number of real entries is a property of the fitted data: take the stored buffers' shapes
@@ -87,11 +89,11 @@ class LinearAutoencoder(nn.Module):
         """(float32 basis (k, n), flat indices of the stored entries (n,)), converted once per basis: the float16
         basis keeps checkpoints small, converting it on every call cost a third of a prediction."""
         b, r = self.basis, self.real
-        src = self.__dict__.get("_work_src")  # holds the tensors themselves: identity, not an address, is compared
+        src = self._work_src  # holds the tensors themselves: identity, not an address, is compared
         if src is None or src[0] is not b or src[1] != b._version or src[2] is not r or src[3] != r._version:
-            self.__dict__["_work"] = (b.float(), r.flatten().nonzero().squeeze(1))
-            self.__dict__["_work_src"] = (b, b._version, r, r._version)
-        return self.__dict__["_work"]
+            self._work = (b.float(), r.flatten().nonzero().squeeze(1))
+            self._work_src = (b, b._version, r, r._version)
+        return self._work
 
     def encode(self, x: Tensor) -> Tensor:
         """x (B, T, D) normalised tokens -> latent (B, T_lat, D_lat), unit std per coordinate on training data."""
