@@ -45,9 +45,7 @@ tiny-assets: setup
 	$(BIN)/difflora tiny pretrain --faces $(FACES) --out assets/tiny/base --samples assets/tiny/samples.png
 	$(BIN)/difflora data build --faces $(FACES) --base tiny --method lora --rank 4 --out $(TINY_DATA) \
 		--ray-address local --summary bench/results/dataset.json
-	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet --token-dim 512 \
-		--set autoencoder.kind=linear --set autoencoder.latent_tokens=8 --set autoencoder.latent_dim=4 \
-		--set train.dn_steps=2000
+	$(BIN)/difflora hypernet train --dataset $(TINY_DATA) --out assets/tiny/hypernet --token-dim 512
 	$(BIN)/difflora hypernet tune --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet \
 		--cfg-scales 1,2,3,4,5,6 --steps 1,25 --limit 30
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --split val --limit 30 \

@@ -157,6 +157,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# the synthetic demo (docs/hypernet.md) runs DiffLoRA's transformer LAE: its adapters are mostly face-predictable,
+# unlike the tiny world's, for which the tiny preset uses the linear autoencoder; --set still overrides these
+SYNTHETIC_DEMO_SETTINGS = [
+    "autoencoder.kind=transformer",
+    "autoencoder.latent_tokens=4",
+    "autoencoder.latent_dim=8",
+    "train.dn_steps=900",
+]
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -166,7 +176,8 @@ def _train(args: argparse.Namespace) -> int:
     from .synthetic import SyntheticConfig, make_synthetic
     from .train import train
 
-    cfg = get_preset(args.preset).with_overrides(args.settings)
+    demo = SYNTHETIC_DEMO_SETTINGS if args.preset == "tiny" else []
+    cfg = get_preset(args.preset).with_overrides([*demo, *args.settings])
     overrides = {"seed": args.seed}
     for key in ("ae_steps", "dn_steps", "batch_size", "amp"):
         if getattr(args, key) is not None:

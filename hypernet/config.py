@@ -178,14 +178,20 @@ def _check_heads(hidden: int, heads: int, where: str) -> None:
 
 
 def tiny() -> HypernetConfig:
-    """Trains in about a minute on 2 CPU cores (tests, the bundled tiny world)."""
+    """The bundled tiny world's hypernet (assets/tiny/hypernet): trains in a few minutes on 2 CPU cores.
+
+    Its autoencoder is the closed-form linear kind: on the tiny LoRA dataset the trained transformer LAE spends its
+    latent on optimiser noise (docs/hypernet.md); ``--set autoencoder.kind=transformer`` gives DiffLoRA's LAE with
+    the ``hidden``/``depth`` sizes below."""
     return HypernetConfig(
-        autoencoder=AutoencoderConfig(hidden=64, depth_enc=2, depth_dec=2, heads=4, latent_tokens=4, latent_dim=8),
+        autoencoder=AutoencoderConfig(
+            kind="linear", hidden=64, depth_enc=2, depth_dec=2, heads=4, latent_tokens=8, latent_dim=4
+        ),
         denoiser=DenoiserConfig(hidden=96, depth=3, heads=4),
         train=TrainConfig(
             batch_size=64,
             ae_steps=800,
-            dn_steps=900,
+            dn_steps=2000,
             ae_lr=2e-3,
             dn_lr=1e-3,
             warmup_steps=30,

@@ -63,26 +63,25 @@ class LinearAutoencoder(nn.Module):
         X = x.flatten(1)[:, entries].double()  # (N, n)
         X = X - X.mean(0)
         C = cond.double() - cond.double().mean(0)  # (N, E)
-        rank = int(torch.linalg.matrix_rank(C))
-        if k > rank:
-            raise ValueError(
-                f"linear autoencoder latent size {k} (latent_tokens x latent_dim) exceeds the rank {rank} of the "
-                f"training face embeddings (at most min(E, N - 1)); lower latent_tokens or latent_dim"
-            )
+        # beyond the rank of the face embeddings (at most min(E, N - 1)) there is no face-predictable direction:
+        # those latent coordinates get a zero basis row (always 0 on encode, ignored on decode)
+        used = min(k, int(torch.linalg.matrix_rank(C)))
         W = torch.linalg.solve(C.T @ C + ridge * torch.eye(C.shape[1], dtype=C.dtype), C.T @ X)  # (E, n)
         Y = C @ W  # (N, n) fitted values
         ev, U = torch.linalg.eigh(Y @ Y.T)  # ascending; Gram trick: N x N instead of n x n
         ev, U = ev.flip(0).clamp_min(0), U.flip(1)
-        V = (Y.T @ U[:, :k]) / ev[:k].sqrt().clamp_min(1e-12)  # (n, k) orthonormal columns
+        V = X.new_zeros(X.shape[1], k)  # (n, k) orthonormal columns, then zero columns past ``used``
+        V[:, :used] = (Y.T @ U[:, :used]) / ev[:used].sqrt().clamp_min(1e-12)
         coef = X @ V  # (N, k)
         self.real.copy_(mask)
         self.basis = V.T.to(torch.float16).contiguous()
-        self.scale = coef.std(0).clamp_min(1e-8).float()
+        self.scale = torch.where(torch.arange(k) < used, coef.std(0).clamp_min(1e-8), 1.0).float()
         total = float((X**2).sum())
         return {
             "ae_fitted_share": float(ev.sum()) / total,  # variance of the adapters the face regression explains
             "ae_latent_share": float((coef**2).sum()) / total,  # variance of the adapters inside the latent
-            "ae_latent_fitted_share": float(ev[:k].sum() / ev.sum()),  # of the fitted variance, kept by k dims
+            "ae_latent_fitted_share": float(ev[:used].sum() / ev.sum()),  # of the fitted variance, kept by k dims
+            "ae_latent_dims_used": used,  # k, or fewer when the face embeddings have lower rank
         }
 
     def _working(self) -> tuple[Tensor, Tensor]:

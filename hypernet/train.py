@@ -106,21 +106,27 @@ class Trainer:
         model.set_layout(train_set.layer_ids, train_set.mask)
         model.set_token_stats(*fit_token_stats(train_set.tokens, train_set.mask))
         self.ae_fit: dict[str, float] = {}
-        if isinstance(model.autoencoder, LinearAutoencoder):
-            self.ae_fit = model.autoencoder.fit(
-                model.normalize_tokens(train_set.tokens), mean_embedding(train_set.cond), train_set.mask,
-                self.cfg.autoencoder.ridge,
-            )  # fmt: skip
+        # the linear autoencoder is fitted in closed form when the run starts (run), unless resume loads it
+        self._fit_pending = isinstance(model.autoencoder, LinearAutoencoder)
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.diffusion = self.model.diffusion()
         self.tokens = train_set.tokens.to(self.device)  # (N, T, D) raw
         self.gen = torch.Generator().manual_seed(tc.seed + 1)
         self.step, self.ae_done, self.latents = 0, False, None
-        if self.ae_fit:  # nothing to train in stage 1
-            self._finish_autoencoder()
-        else:
+        if not self._fit_pending:
             self.opt = self._make_optimizer()
+
+    def _fit_linear_autoencoder(self) -> None:
+        """Stage 1 of the linear kind: the closed-form fit (nothing to train), then straight to the denoiser."""
+        ae = self.model.autoencoder
+        self.ae_fit = ae.fit(
+            self.model.normalize_tokens(self.tokens), mean_embedding(self.train_set.cond).to(self.device),
+            self.train_set.mask.to(self.device), self.cfg.autoencoder.ridge,
+        )  # fmt: skip
+        self.ema.autoencoder.load_state_dict(ae.state_dict())
+        self._fit_pending = False
+        self._finish_autoencoder()
 
     @property
     def data_fingerprint(self) -> str:
@@ -249,7 +255,10 @@ class Trainer:
         self.export(tmp)
         opt_t = optimizer_tensors(self.opt, self._named_params()) | {"rng.train": self.gen.get_state()}
         atomic_save_tensors(opt_t, tmp / OPTIMIZER_NAME)
-        state = {"step": self.step, "stage": self.stage, "ae_done": self.ae_done, "data": self.data_fingerprint}
+        state = {
+            "step": self.step, "stage": self.stage, "ae_done": self.ae_done, "data": self.data_fingerprint,
+            "ae_fit": self.ae_fit,
+        }  # fmt: skip
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
@@ -285,6 +294,7 @@ class Trainer:
         self.model.load_state_dict(load_state(ckpt / MODEL_NAME, self.device))
         self.ema.load_state_dict(load_state(ckpt / EMA_NAME, self.device))
         self.step, self.ae_done = int(state["step"]), bool(state["ae_done"])
+        self.ae_fit, self._fit_pending = state.get("ae_fit", {}), False  # the checkpoint holds the fitted basis
         self.opt = self._make_optimizer()
         t = load_state(ckpt / OPTIMIZER_NAME)
         self.gen.set_state(t.pop("rng.train"))
@@ -314,6 +324,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics()
         end = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
+        if self._fit_pending:
+            self._fit_linear_autoencoder()
         if self.step == 0 and self.ae_fit:
             self._log({"step": 0, "stage": "autoencoder", **self.ae_fit, **self.validate()})
         bar = tqdm(total=tc.total_steps, initial=self.step, disable=not self.progress, desc="hypernet", leave=False)

@@ -17,6 +17,7 @@ def test_train_synthetic_demo_run(tmp_path, capsys):
     assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["autoencoder"]["latent_tokens"] == 3 and saved["train"]["sample_count"] == 2
+    assert saved["autoencoder"]["kind"] == "transformer" and saved["train"]["ae_steps"] == 4  # the demo's LAE
     table = json.loads((out / "synthetic_eval.json").read_text())
     assert set(table) == {"hypernet", "mean", "nearest", "mlp"}
     assert "hypernet" in capsys.readouterr().out

@@ -79,10 +79,18 @@ def test_fit_finds_the_face_predictable_subspace_under_noise() -> None:
     assert float(ae(noise).norm() / noise.norm()) < 2 * (3 / mask.sum()) ** 0.5
 
 
-def test_latent_larger_than_the_embedding_rank_is_refused() -> None:
+def test_latent_larger_than_the_embedding_rank_uses_the_rank() -> None:
+    """10 identities give centred embeddings of rank 9: a 10-dim latent keeps 9 directions and a dead 10th."""
     x, _, C = _planted(n=10, E=16)
-    with pytest.raises(ValueError, match="exceeds the rank 9"):
-        _ae(k_tokens=2, k_dim=5).fit(x, C, torch.ones(6, 10, dtype=torch.bool), ridge=1.0)
+    ae = _ae(k_tokens=2, k_dim=5)
+    stats = ae.fit(x, C, torch.ones(6, 10, dtype=torch.bool), ridge=1.0)
+    assert stats["ae_latent_dims_used"] == 9 and stats["ae_latent_fitted_share"] == pytest.approx(1.0)
+    z = ae.encode(x).flatten(1)  # (10, 10)
+    assert torch.all(z[:, 9] == 0) and torch.all(ae.basis[9] == 0) and ae.scale[9] == 1.0
+    assert torch.allclose(z[:, :9].std(0), torch.ones(9), atol=1e-3)  # unit std on the training data
+    gram = ae.basis[:9].float() @ ae.basis[:9].float().T
+    assert torch.allclose(gram, torch.eye(9), atol=1e-2)  # orthonormal (float16 storage)
+    assert torch.equal(ae.decode(z), ae.decode(torch.cat([z[:, :9], torch.randn(10, 1)], 1).view(10, 2, 5)))
     with pytest.raises(ValueError, match="kind"):
         AutoencoderConfig(kind="pca")
     with pytest.raises(ValueError, match="ridge"):
@@ -118,7 +126,13 @@ def test_linear_hypernet_resume_matches_uninterrupted(tmp_path) -> None:
     Trainer(_linear_cfg(), data, tmp_path / "cut", device="cpu", progress=False).run(stop_after=5)
     t = Trainer(_linear_cfg(), data, tmp_path / "cut", device="cpu", progress=False)
     assert t.resume() and t.step == 5
+    # the basis comes from the checkpoint (no refit on resume), the fit statistics from its state
+    t._fit_linear_autoencoder = None  # a refit would now fail loudly
     t.run()
+    straight, cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "cut"))
+    assert straight["ae_fitted_share"] > 0 and {k: cut[k] for k in straight if k.startswith("ae_")} == {
+        k: v for k, v in straight.items() if k.startswith("ae_")
+    }
     a = Hypernet.load(tmp_path / "straight").predict_tokens(data.cond[:4], steps=4)
     b = Hypernet.load(tmp_path / "cut").predict_tokens(data.cond[:4], steps=4)
     assert torch.allclose(a, b, atol=1e-5)

@@ -157,3 +157,25 @@ def test_split_is_by_identity_and_reproducible(data):
     assert data.split(0.25, seed=3)[1].names == b.names
     i = data.names.index(b.names[0])
     assert torch.equal(b.tokens[0], data.tokens[i]) and torch.equal(b.cond[0], data.cond[i])
+
+
+def test_tiny_preset_is_the_shipped_tiny_hypernet() -> None:
+    """`difflora hypernet train --dataset DIR --token-dim 512` with no --set trains the bundled checkpoint's model."""
+    import json
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "assets" / "tiny" / "hypernet" / "config.json"
+    if not shipped.is_file():
+        pytest.skip("no bundled tiny hypernet (make tiny-assets)")
+    sections = ("autoencoder", "denoiser", "train")
+    saved = HypernetConfig.from_dict({k: v for k, v in json.loads(shipped.read_text()).items() if k in sections})
+    cfg = get_preset("tiny").for_data(
+        saved.autoencoder.num_tokens, saved.autoencoder.token_dim, saved.autoencoder.num_layers,
+        saved.denoiser.cond_dim,
+    )  # fmt: skip
+    assert cfg.autoencoder == saved.autoencoder and cfg.denoiser == saved.denoiser
+    # the trainer zeroes ae_steps for the linear kind; `hypernet tune` chooses cfg_scale and sample_steps
+    tuned = {"ae_steps", "cfg_scale", "sample_steps"}
+    assert {k: v for k, v in cfg.train.__dict__.items() if k not in tuned} == {
+        k: v for k, v in saved.train.__dict__.items() if k not in tuned
+    }
