@@ -10,11 +10,13 @@ the prediction with the smallest expected error). All are scored exactly like th
 (same identities' held-out photos, generation seeds, noise, timesteps), including fidelity on the held-out photos
 and the cosine of the effects (direction without magnitude).
 
-``--average K`` (LoRA datasets) adds a second table against a less run-specific reference: the oracle becomes the
-average of K adapters trained with seeds 0..K-1 (ΔW averaged exactly, as one rank-K·r LoRA), scored for an
-average of K other seeds (``other_average``: that reference's own re-train ceiling), the dataset's single-seed
-adapter (``single_seed``) and the hypernet. It answers whether oracles averaged over seeds would make the
-fidelity target reachable for a predictor, or only for re-trained adapters.
+``--average K`` (LoRA datasets) adds the row ``seed_average``: the average of K adapters trained with seeds
+K..2K-1 (ΔW averaged exactly, as one rank-K·r LoRA), an estimate of the expected re-trained adapter, which is what
+a perfect predictor of the training outcome (up to its seed) would give. It also adds a second table against a
+less run-specific reference: the oracle becomes the average of seeds 0..K-1, scored for the average of seeds
+K..2K-1 (``other_average``: that reference's own re-train ceiling), the dataset's single-seed adapter
+(``single_seed``) and the hypernet. It answers whether oracles averaged over seeds would make the fidelity
+target reachable for a predictor, or only for re-trained adapters. Images are generated once per adapter.
 
     .venv/bin/python bench/fidelity_ceiling.py [--dataset data/tiny-lora] [--checkpoint assets/tiny/hypernet]
         [--n 16] [--seeds 8] [--average 3]
@@ -37,7 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
-from hypernet.evaluate import EvalConfig, identity_crops, score_candidates, summarize_candidates  # noqa: E402
+from hypernet.evaluate import (  # noqa: E402
+    EvalConfig,
+    candidate_images,
+    identity_crops,
+    score_candidates,
+    summarize_candidates,
+)
 from hypernet.predict import Predictor  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.check import generate  # noqa: E402
@@ -88,19 +96,24 @@ def main(argv: list[str] | None = None) -> int:
             "base": None, "oracle": ds.adapter(row), "reseeded": reseeded, "half_photos": half,
             "hypernet": predictor.predict(cond), "hypernet_cfg1": predictor.predict(cond, cfg_scale=1.0),
         }  # fmt: skip
-        for c, m in score_candidates(pipe, sched, encoder, rec, cands, ecfg, base_imgs, ds.recipe).items():
-            per.setdefault(c, {})[rec["identity"]] = m
-        if args.average:
+        k = args.average
+        if k:  # seeds 0..K-1 (the dataset's adapter is seed 0) make the reference, seeds K..2K-1 the candidate
             runs = [cands["oracle"], reseeded] + [
                 train_identity(pipe, crops, replace(recipe, seed=recipe.seed + s), base_model=recipe.base).adapter
-                for s in range(2, 2 * args.average)
+                for s in range(2, 2 * k)
             ]
-            k = args.average
+            cands["seed_average"] = average_lora(runs[k:])  # the expected re-trained adapter, never seed 0
+        imgs = candidate_images(pipe, cands, ecfg, base_imgs, ds.recipe)
+        for c, m in score_candidates(pipe, sched, encoder, rec, cands, ecfg, base_imgs, ds.recipe, imgs).items():
+            per.setdefault(c, {})[rec["identity"]] = m
+        if k:
             avg = {
-                "base": None, "oracle": average_lora(runs[:k]), "other_average": average_lora(runs[k:]),
+                "base": None, "oracle": average_lora(runs[:k]), "other_average": cands["seed_average"],
                 "single_seed": cands["oracle"], "hypernet": cands["hypernet"], "hypernet_cfg1": cands["hypernet_cfg1"],
             }  # fmt: skip
-            for c, m in score_candidates(pipe, sched, encoder, rec, avg, ecfg, base_imgs, ds.recipe).items():
+            made = {"other_average": imgs["seed_average"], "single_seed": imgs["oracle"]}
+            made |= {c: imgs[c] for c in ("base", "hypernet", "hypernet_cfg1")}  # only the new reference is generated
+            for c, m in score_candidates(pipe, sched, encoder, rec, avg, ecfg, base_imgs, ds.recipe, made).items():
                 per_avg.setdefault(c, {})[rec["identity"]] = m
         print(f"{row + 1}/{args.n} {rec['identity']} {time.perf_counter() - t0:.0f}s", flush=True)
     rows = summarize_candidates(per)

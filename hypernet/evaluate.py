@@ -205,15 +205,41 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
 
 
 @torch.no_grad()
+def candidate_images(
+    pipe, cands: dict[str, Adapter | None], cfg: EvalConfig, base_imgs, recipe: dict
+) -> dict[str, np.ndarray]:
+    """Every candidate's generations (seeds 0..cfg.seeds-1 of the dataset caption); ``None`` -> ``base_imgs``."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    caption, seeds = recipe.get("caption", "a photo of sks person"), list(range(cfg.seeds))
+    return {
+        c: base_imgs
+        if a is None
+        else generate_with(pipe, a, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
+        for c, a in cands.items()
+    }
+
+
+@torch.no_grad()
 def score_candidates(
-    pipe, sched, encoder, rec: dict, cands: dict[str, Adapter | None], cfg: EvalConfig, base_imgs, recipe: dict
+    pipe,
+    sched,
+    encoder,
+    rec: dict,
+    cands: dict[str, Adapter | None],
+    cfg: EvalConfig,
+    base_imgs,
+    recipe: dict,
+    images: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict]:
     """One identity's metrics for every candidate adapter (``None`` = the base model, whose images are
     ``base_imgs``; ``cands["oracle"]`` is the reference): sim, function_fidelity, function_fidelity_heldout,
-    function_cosine, weight_cosine, no_face."""
+    function_cosine, weight_cosine, no_face. ``images`` holds candidates' generations already made (by
+    :func:`candidate_images`, e.g. for another reference); the others are generated."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     caption = recipe.get("caption", "a photo of sks person")
-    seeds = list(range(cfg.seeds))
+    images = dict(images or {})
+    todo = {c: a for c, a in cands.items() if c not in images}
+    images |= candidate_images(pipe, todo, cfg, base_imgs, recipe)
     heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
     # function fidelity inputs: the identity's training and held-out photos, fixed noise and timesteps
     pad = recipe.get("crop_padding", 0.3)
@@ -224,11 +250,7 @@ def score_candidates(
     d_oracle = _delta_vector(pipe.unet, cands["oracle"])
     out = {}
     for c, a in cands.items():
-        imgs = (
-            base_imgs
-            if a is None
-            else generate_with(pipe, a, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)
-        )
+        imgs = images[c]
         emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
         sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
         no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))

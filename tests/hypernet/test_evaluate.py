@@ -163,3 +163,17 @@ def test_score_candidates_is_pinned_by_the_oracle(eval_setup) -> None:
     }  # fmt: skip
     # the cosine sees the direction of the effect, fidelity also its size (about 4x too large here)
     assert res["doubled"]["function_cosine"] > 0.9 and res["doubled"]["function_fidelity"] < 0
+    # generations made once are reused (bench/fidelity_ceiling.py scores one set against two references):
+    # the same metrics, and the given images really are the ones scored
+    from hypernet.evaluate import candidate_images
+
+    imgs = candidate_images(pipe, cands, cfg, base_imgs, ds.recipe)
+    again = score_candidates(
+        pipe, sched, get_encoder(ds.face_backend), ds.records[0], cands, cfg, base_imgs, ds.recipe, imgs
+    )
+    assert again == res
+    swapped = score_candidates(
+        pipe, sched, get_encoder(ds.face_backend), ds.records[0], cands, cfg, base_imgs, ds.recipe,
+        {"doubled": imgs["base"]},
+    )  # fmt: skip
+    assert swapped["doubled"]["sim"] == pytest.approx(res["base"]["sim"]) != res["doubled"]["sim"]
