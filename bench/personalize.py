@@ -2,8 +2,15 @@
 adapter with the dataset recipe, in one process on one machine. Also batched hypernet throughput.
 
     .venv/bin/python bench/personalize.py [--base tiny] [--checkpoint assets/tiny/hypernet] [--photos DIR]
+    .venv/bin/python bench/personalize.py --base sd15-random --time-steps 2 --train-batch 2
 
-Writes bench/results/personalize.json and prints a table.
+Writes bench/results/personalize.json (sd15-random: personalize_sd15.json) and prints a table.
+
+``sd15-random`` is SD 1.5's architecture with random weights (scripts/gpu_smoke.py) and an untrained ``sd15``-preset
+hypernet: timing only. Training it for the recipe's steps on a CPU takes hours, so ``--time-steps N`` trains 1 + N
+steps at ``--train-batch`` images; the recipe's time is set-up (latents, text, injection and the first step) +
+steps x batch size x the median seconds per image of the other N steps: every step costs the same (the table
+prints the measured parts).
 """
 
 from __future__ import annotations
@@ -47,19 +54,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="one identity's photo folder")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "personalize.json"))
+    ap.add_argument("--time-steps", type=int, default=0, help="time N training steps and extrapolate (0: train all)")
+    ap.add_argument("--train-batch", type=int, default=0, help="images per timed step (0: the recipe's batch size)")
+    ap.add_argument("--token-dim", type=int, default=512, help="token size of an untrained hypernet")
+    ap.add_argument("--out", default=None, help="result JSON (default: bench/results/personalize[_sd15].json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    random_sd15 = args.base == "sd15-random"
+    out = args.out or str(REPO / "bench" / "results" / f"personalize{'_sd15' if random_sd15 else ''}.json")
 
     ckpt = Path(args.checkpoint)
-    pipe = load_pipeline(args.base)
-    recipe = _recipe(ckpt, args.base)
-    trained = (ckpt / "config.json").is_file()
-    predictor = Predictor.load(ckpt) if trained else Predictor.untrained(pipe, recipe)
+    if random_sd15:
+        from scripts.gpu_smoke import build_sd15_from_config
+
+        pipe, recipe, trained = build_sd15_from_config(), BuildConfig(base="sd15"), False
+    else:
+        pipe, recipe = load_pipeline(args.base), _recipe(ckpt, args.base)
+        trained = (ckpt / "config.json").is_file()
+    preset = "sd15" if random_sd15 else "tiny"
+    predictor = (
+        Predictor.load(ckpt) if trained else Predictor.untrained(pipe, recipe, preset=preset, token_dim=args.token_dim)
+    )
     encoder = get_encoder(predictor.face_backend)
     photos = sorted(p for p in Path(args.photos).iterdir() if p.is_file())
     blobs = [p.read_bytes() for p in photos]
-    predictor.predict(np.zeros((1, predictor.cond_dim), np.float32))  # warm-up
+    warm = predictor.predict(np.zeros((1, predictor.cond_dim), np.float32))  # warm-up
 
     t_pred, t_model = [], []
     for _ in range(args.reps):
@@ -78,14 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     if rec["status"] != "ok":
         print(f"photos not usable: {rec.get('reason')}", file=sys.stderr)
         return 2
-    t1 = time.perf_counter()
-    train_identity(pipe, rec["_crops"], recipe, base_model=recipe.base_model_id)
-    t_train = time.perf_counter() - t0
-    t_train_model = time.perf_counter() - t1
+    t_prepare = time.perf_counter() - t0
+    timing = {}
+    if args.time_steps:  # 1 + N steps; the first (one-off allocations) counts as set-up, the median of the rest
+        batch = args.train_batch or recipe.batch_size
+        part = BuildConfig.from_dict({**recipe.__dict__, "steps": 1 + args.time_steps, "batch_size": batch})
+        res = train_identity(pipe, rec["_crops"], part, base_model=recipe.base_model_id)
+        per_image = statistics.median(res.step_seconds[1:]) / batch
+        setup = res.seconds - sum(res.step_seconds[1:])  # latents, text, injection, first step
+        t_train_model = setup + recipe.steps * per_image * recipe.batch_size
+        t_train = t_prepare + t_train_model
+        timing = {"timed_steps": args.time_steps, "timed_batch": batch, "seconds_setup": round(setup, 2),
+                  "seconds_steps_timed": [round(x, 2) for x in res.step_seconds],
+                  "seconds_per_image_step": round(per_image, 3), "seconds_prepare_photos": round(t_prepare, 2),
+                  "extrapolated": True}  # fmt: skip
+    else:
+        t1 = time.perf_counter()
+        train_identity(pipe, rec["_crops"], recipe, base_model=recipe.base_model_id)
+        t_train = time.perf_counter() - t0
+        t_train_model = time.perf_counter() - t1
 
     throughput = {}
     rng = np.random.default_rng(0)
-    for b in (1, 8, 32):
+    for b in (1, 8) if random_sd15 else (1, 8, 32):
         conds = [rng.normal(size=(4, predictor.cond_dim)).astype(np.float32) for _ in range(b)]
         t0 = time.perf_counter()
         predictor.predict_batch(conds)
@@ -94,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     pred, model = statistics.median(t_pred), statistics.median(t_model)
     res = {
         "base": args.base,
-        "checkpoint": str(ckpt) if trained else "untrained (same architecture; timing only)",
+        "checkpoint": str(ckpt) if trained else f"untrained {preset} preset (timing only)",
         "photos": len(photos),
         "method": recipe.method,
         "recipe_steps": recipe.steps,
@@ -109,15 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_model_finetune": round(t_train_model, 2),
         "speedup_model_time": round(t_train_model / model, 1),
         "identities_per_second": throughput,
+        "adapter_values": sum(t.numel() for t in warm.tensors.values()),
+        **timing,
         "threads": args.threads,
         "device": "cpu",
     }
-    atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())
+    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     print(f"{'path':<34}{'seconds':>10}")
     print(f"{'photos -> adapter (hypernet)':<34}{pred:>10.3f}")
     print(f"{'photos -> adapter (fine-tune)':<34}{t_train:>10.2f}")
     print(f"{'model time: hypernet sample':<34}{model:>10.3f}")
     print(f"{'model time: adapter training':<34}{t_train_model:>10.2f}")
+    if timing:
+        print(f"(training extrapolated: set-up {timing['seconds_setup']} s + {recipe.steps} steps x "
+              f"{recipe.batch_size} images x {timing['seconds_per_image_step']} s)")  # fmt: skip
     print(f"speedup_vs_finetune: {res['speedup_vs_finetune']}x   model time: {res['speedup_model_time']}x   "
           f"batched identities/s: {throughput}")  # fmt: skip
     return 0

@@ -22,7 +22,8 @@ class TrainResult:
 
     adapter: Adapter
     losses: list[float] = field(default_factory=list)  # per-step training loss
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call: latents, text conditioning, injection and the steps
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimisation step
 
     def loss_summary(self) -> dict[str, float]:
         n = max(1, len(self.losses) // 10)
@@ -131,12 +132,14 @@ def train_identity(
     warmup = max(1, cfg.steps // 20)
     lr_at = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
     losses: list[float] = []
+    step_seconds: list[float] = []
     was_training = unet.training
     unet.train()
     try:
         from tqdm.auto import tqdm
 
         for step in tqdm(range(cfg.steps), disable=not progress, desc="adapter", leave=False):
+            t_step = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_at(step)
             bs = cfg.batch_size
@@ -161,8 +164,9 @@ def train_identity(
             if not np.isfinite(lv):
                 raise FloatingPointError(f"training loss became {lv} at step {step}")
             losses.append(lv)
+            step_seconds.append(time.perf_counter() - t_step)
     finally:
         adapter = remove_adapter(unet)
         unet.train(was_training)
     adapter.spec = spec
-    return TrainResult(adapter, losses, time.perf_counter() - t0)
+    return TrainResult(adapter, losses, time.perf_counter() - t0, step_seconds)

@@ -1,0 +1,28 @@
+"""One identity's adapter training on a real tiny diffusers pipeline: timings, losses, an untouched UNet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_data.adapter_train import train_identity
+from pipeline_data.recipe import ATTN_TARGETS, BuildConfig
+from tests.utils.tiny_pipes import tiny_sd15_pipe
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_train_identity_reports_each_step_and_leaves_the_unet_as_it_was(method: str) -> None:
+    pipe = tiny_sd15_pipe()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    crops = np.random.default_rng(0).integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = BuildConfig(method=method, targets=ATTN_TARGETS, steps=4, batch_size=2, lr=1e-2)
+    res = train_identity(pipe, crops, cfg, base_model="tiny-test")
+    assert len(res.losses) == len(res.step_seconds) == 4 and all(np.isfinite(res.losses))
+    assert all(s > 0 for s in res.step_seconds) and sum(res.step_seconds) < res.seconds
+    assert res.adapter.spec.method == method and res.adapter.spec.base_model == "tiny-test"
+    assert pipe.unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    trained = [t for name, t in res.adapter.tensors.items() if name.endswith("::B")]
+    assert trained and any(float(t.abs().max()) > 0 for t in trained)  # B starts at zero: the steps moved it
