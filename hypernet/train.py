@@ -196,6 +196,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         tc = self.cfg.train
+        if self._fit_pending:  # run() does this first; a caller stepping by hand gets it too
+            self._fit_linear_autoencoder()
         if self.step >= tc.ae_steps and not self.ae_done:
             self._finish_autoencoder()
         ae = self.stage == "autoencoder"
