@@ -61,8 +61,10 @@ tiny-assets: setup
 		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=4 \
 		--hypernet-set autoencoder.latent_dim=8 --hypernet-set train.dn_steps=1000
 
+# SD 1.5-size benchmarks on random weights (no download): merge/restore vs diffusers, photos -> adapter vs fine-tune
 bench: setup
 	$(BIN)/python bench/apply.py
+	$(BIN)/python bench/personalize.py --base sd15-random --time-steps 3 --train-batch 2 --reps 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

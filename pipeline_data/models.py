@@ -116,7 +116,7 @@ def load_pipeline(preset_or_path: str, device: str | torch.device = "cpu", dtype
     if dtype is None:
         dtype = gpu_dtype if torch.device(device).type == "cuda" else torch.float32
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    kw = {"torch_dtype": dtype, "local_files_only": is_local, "use_safetensors": True}  # never unpickle a .bin
+    kw = {"dtype": dtype, "local_files_only": is_local, "use_safetensors": True}  # never unpickle a .bin
     if family == "sd1":
         kw.update(safety_checker=None, requires_safety_checker=False)
     try:
