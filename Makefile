@@ -65,6 +65,9 @@ tiny-assets: setup
 bench: setup
 	$(BIN)/python bench/apply.py
 	$(BIN)/python bench/personalize.py --base sd15-random --time-steps 3 --train-batch 2 --reps 2
+	$(BIN)/python bench/personalize.py --base sd15-random --time-steps 3 --train-batch 2 --reps 2 \
+		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=8 \
+		--hypernet-set autoencoder.latent_dim=4 --out bench/results/personalize_sd15_linear.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

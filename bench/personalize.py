@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-steps", type=int, default=0, help="time N training steps and extrapolate (0: train all)")
     ap.add_argument("--train-batch", type=int, default=0, help="images per timed step (0: the recipe's batch size)")
     ap.add_argument("--token-dim", type=int, default=512, help="token size of an untrained hypernet")
+    ap.add_argument(
+        "--hypernet-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="preset override of an untrained hypernet, e.g. autoencoder.kind=linear (repeatable)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="result JSON (default: bench/results/personalize[_sd15].json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         trained = (ckpt / "config.json").is_file()
     preset = "sd15" if random_sd15 else "tiny"
     predictor = (
-        Predictor.load(ckpt) if trained else Predictor.untrained(pipe, recipe, preset=preset, token_dim=args.token_dim)
+        Predictor.load(ckpt)
+        if trained
+        else Predictor.untrained(pipe, recipe, preset=preset, token_dim=args.token_dim, settings=args.hypernet_set)
     )
     encoder = get_encoder(predictor.face_backend)
     photos = sorted(p for p in Path(args.photos).iterdir() if p.is_file())
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": recipe.method,
         "recipe_steps": recipe.steps,
         "hypernet_sample_steps": predictor.steps,
+        "hypernet_autoencoder": predictor.hypernet.config.autoencoder.kind,
+        "hypernet_settings": args.hypernet_set,
         "hypernet_samples_averaged": predictor.samples,
         "seconds_personalize": round(pred, 4),
         "seconds_finetune": round(t_train, 2),

@@ -54,29 +54,48 @@ class LinearAutoencoder(nn.Module):
         return self.cfg.latent_tokens * self.cfg.latent_dim
 
     @torch.no_grad()
-    def fit(self, x: Tensor, cond: Tensor, mask: Tensor, ridge: float) -> dict[str, float]:
+    def fit(
+        self, x: Tensor, cond: Tensor, mask: Tensor, ridge: float, chunk_values: int = 1 << 26
+    ) -> dict[str, float]:
         """x (N, T, D) normalised training tokens, cond (N, E) their mean face embeddings, mask (T, D).
 
-        Sets ``real``, ``basis`` and ``scale``; returns fit statistics (shares of variance)."""
+        Sets ``real``, ``basis`` and ``scale``; returns fit statistics (shares of variance). Two passes over column
+        chunks of about ``chunk_values`` float64 values each, so memory stays O(N²) + one chunk + the basis at any
+        adapter size (SD 1.5's 3.65 M values x 1,000 identities would be 29 GB as one float64 matrix)."""
         k = self.latent_size
         entries = mask.flatten().nonzero().squeeze(1)  # (n,)
-        X = x.flatten(1)[:, entries].double()  # (N, n)
-        X = X - X.mean(0)
+        flat = x.flatten(1)  # (N, T*D)
+        step = max(1, chunk_values // flat.shape[0])
+        spans = [entries[i : i + step] for i in range(0, len(entries), step)]
+
+        def centred(idx: Tensor) -> Tensor:  # (N, len(idx)) float64 columns, centred over identities
+            cols = flat[:, idx].double()
+            return cols - cols.mean(0)
+
         C = cond.double() - cond.double().mean(0)  # (N, E)
         # beyond the rank of the face embeddings (at most min(E, N - 1)) there is no face-predictable direction:
         # those latent coordinates get a zero basis row (always 0 on encode, ignored on decode)
         used = min(k, int(torch.linalg.matrix_rank(C)))
-        W = torch.linalg.solve(C.T @ C + ridge * torch.eye(C.shape[1], dtype=C.dtype), C.T @ X)  # (E, n)
-        Y = C @ W  # (N, n) fitted values
-        ev, U = torch.linalg.eigh(Y @ Y.T)  # ascending; Gram trick: N x N instead of n x n
+        A = torch.linalg.solve(C.T @ C + ridge * torch.eye(C.shape[1], dtype=C.dtype), C.T)  # (E, N)
+        # ridge W = A X (E, n) and fitted values Y = C W (N, n) are never formed: YYᵀ = (CA) XXᵀ (CA)ᵀ needs only
+        # the N x N Gram matrix of the centred adapters, accumulated over column chunks
+        gram = sum(c @ c.T for c in map(centred, spans))  # (N, N)
+        CA = C @ A  # (N, N)
+        ev, U = torch.linalg.eigh(CA @ gram @ CA.T)  # ascending
         ev, U = ev.flip(0).clamp_min(0), U.flip(1)
-        V = X.new_zeros(X.shape[1], k)  # (n, k) orthonormal columns, then zero columns past ``used``
-        V[:, :used] = (Y.T @ U[:, :used]) / ev[:used].sqrt().clamp_min(1e-12)
-        coef = X @ V  # (N, k)
+        Q = CA.T @ U[:, :used] / ev[:used].sqrt().clamp_min(1e-12)  # (N, used): V = Yᵀ U / √ev = Xᵀ Q
+        basis = torch.zeros(k, len(entries), dtype=torch.float16, device=flat.device)  # (k, n)
+        at = 0
+        for idx in spans:  # second pass: the basis, column chunk by column chunk
+            basis[:used, at : at + len(idx)] = (centred(idx).T @ Q).T.half()
+            at += len(idx)
+        coef = gram @ Q  # (N, used) = X V
         self.real.copy_(mask)
-        self.basis = V.T.to(torch.float16).contiguous()
-        self.scale = torch.where(torch.arange(k) < used, coef.std(0).clamp_min(1e-8), 1.0).float()
-        total = float((X**2).sum())
+        self.basis = basis
+        scale = torch.ones(k, dtype=torch.float64, device=flat.device)
+        scale[:used] = coef.std(0).clamp_min(1e-8)
+        self.scale = scale.float()
+        total = float(gram.trace())
         return {
             "ae_fitted_share": float(ev.sum()) / total,  # variance of the adapters the face regression explains
             "ae_latent_share": float((coef**2).sum()) / total,  # variance of the adapters inside the latent

@@ -107,9 +107,11 @@ class Predictor:
         cond_dim: int = 128,
         face_backend: str = "dlib",
         seed: int = 0,
+        settings: Sequence[str] = (),
     ) -> Predictor:
         """A real hypernetwork with fresh weights whose token statistics pin every prediction to the method's
-        initial adapter (ΔW = 0 for zero-init methods): the service works before a checkpoint exists."""
+        initial adapter (ΔW = 0 for zero-init methods): the service works before a checkpoint exists.
+        ``settings`` are ``section.field=value`` overrides of the preset (as ``hypernet train --set``)."""
         from pipeline_data.recipe import BuildConfig
         from weights.inject import inject_adapter, remove_adapter
 
@@ -122,7 +124,8 @@ class Predictor:
         init = remove_adapter(pipe.unet)
         trainable, template = split_template(init)
         layout = TokenLayout.from_adapter(init, token_dim, canonicalize=False)
-        cfg = PRESETS[preset]().for_data(layout.num_tokens, token_dim, len(layout.groups), cond_dim)
+        base = PRESETS[preset]().with_overrides(list(settings))
+        cfg = base.for_data(layout.num_tokens, token_dim, len(layout.groups), cond_dim)
         model = HypernetModel(cfg)
         raw = adapter_to_tokens(init, layout)  # (T, D) the init adapter
         model.set_layout(layout.layer_ids, layout.mask)

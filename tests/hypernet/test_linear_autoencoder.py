@@ -157,3 +157,24 @@ def test_mean_embedding_is_the_normalised_photo_mean() -> None:
     out = mean_embedding(conds)
     assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
     assert isinstance(HypernetDataset.from_tensors(torch.zeros(2, 1, 2), conds).cond[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 7 * 200, 10**9])  # one column per chunk, ragged chunks, one chunk
+def test_chunked_fit_equals_the_one_pass_fit(chunk_values: int) -> None:
+    """The fit streams column chunks (bounded memory at SD 1.5 size); the result must not depend on the chunking."""
+    x, _, C = _planted(n=200)
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    mask[5, 4:] = False  # padded entries: chunks are over the real ones
+    ref, ae = _ae(), _ae()
+    s_ref = ref.fit(x, C, mask, ridge=1.0, chunk_values=10**9)
+    s = ae.fit(x, C, mask, ridge=1.0, chunk_values=chunk_values)
+    assert ae.basis.shape == (3, 54) and s == pytest.approx(s_ref, rel=1e-9)
+    torch.testing.assert_close(ae.basis.float(), ref.basis.float(), atol=1e-3, rtol=0)  # float16 storage
+    torch.testing.assert_close(ae.scale, ref.scale, rtol=1e-6, atol=0)
+    # and it is the reduced-rank regression of the module docstring, formed densely here
+    X = x.flatten(1)[:, mask.flatten()].double()
+    X, Cc = X - X.mean(0), C.double() - C.double().mean(0)
+    Y = Cc @ torch.linalg.solve(Cc.T @ Cc + torch.eye(Cc.shape[1], dtype=Cc.dtype), Cc.T @ X)  # (N, n) fitted
+    V = torch.linalg.svd(Y, full_matrices=False).Vh[:3]  # (3, n) top right singular vectors
+    assert torch.allclose((V @ ae.basis.double().T).abs().diagonal(), torch.ones(3, dtype=V.dtype), atol=1e-3)
+    torch.testing.assert_close(ae.scale.double(), (X @ V.T).std(0), rtol=1e-3, atol=0)

@@ -38,6 +38,15 @@ def test_untrained_predictor_is_a_noop(pipe, method: str) -> None:
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", ["linear", "transformer"])
+def test_untrained_predictor_takes_preset_settings(pipe, kind: str) -> None:
+    p = Predictor.untrained(pipe, settings=[f"autoencoder.kind={kind}", "train.sample_steps=2"])
+    assert p.hypernet.config.autoencoder.kind == kind and p.steps == 2
+    assert max_delta(pipe, p.predict(np.ones((2, 128), np.float32))) < 1e-6  # still the no-op init adapter
+    with pytest.raises(ValueError, match="unknown hypernet setting"):
+        Predictor.untrained(pipe, settings=["autoencoder.colour=red"])
+
+
 def test_predictor_save_load_roundtrip_and_batching(pipe, tmp_path) -> None:
     p = Predictor.untrained(pipe)
     # give the (fresh) hypernet a non-trivial output so the round trip is meaningful: the tiny preset's linear
