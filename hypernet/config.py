@@ -121,6 +121,17 @@ class HypernetConfig:
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        ae, k = self.autoencoder, self.autoencoder.latent_tokens * self.autoencoder.latent_dim
+        if ae.kind == "linear" and k > self.denoiser.cond_dim:
+            # its latent is spanned by a regression on the E-dim face embeddings: at most E directions exist, and
+            # the basis costs k x (adapter values) (the sd15 preset's 64 x 32 latent: 15 GB at SD 1.5 size)
+            raise ValueError(
+                f"the linear autoencoder has at most cond_dim={self.denoiser.cond_dim} latent directions, got "
+                f"latent_tokens x latent_dim = {ae.latent_tokens} x {ae.latent_dim} = {k}; "
+                "use e.g. --set autoencoder.latent_tokens=8 --set autoencoder.latent_dim=4"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["train"]["betas"] = list(self.train.betas)

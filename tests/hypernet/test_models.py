@@ -134,6 +134,16 @@ def test_bad_config_values_raise(factory, kwargs, match):
         factory(**kwargs)
 
 
+def test_linear_latent_larger_than_the_condition_is_refused_at_config_time() -> None:
+    """The sd15 preset's 64 x 32 latent with the linear kind would allocate a 15 GB basis before failing."""
+    with pytest.raises(ValueError, match="at most cond_dim=512 latent directions.*64 x 32 = 2048"):
+        get_preset("sd15").with_overrides(["autoencoder.kind=linear"])
+    cfg = get_preset("sd15").with_overrides(["autoencoder.kind=linear", "autoencoder.latent_dim=8"])  # 512: fits
+    with pytest.raises(ValueError, match="cond_dim=128"):
+        cfg.for_data(num_tokens=10, token_dim=8, num_layers=2, cond_dim=128)  # a dlib dataset: 128 dims
+    assert get_preset("tiny").for_data(10, 8, 2, 128).autoencoder.kind == "linear"  # 8 x 4 = 32 <= 128
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
