@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
 from hypernet.data import mean_embedding  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _photo_eps, identity_crops  # noqa: E402
-from pipeline_data.check import bootstrap_ci  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity, _photo_eps, _summary, identity_crops  # noqa: E402
+from pipeline_data.adapter_train import to_pixels  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
 from weights.safetensors_io import atomic_write_bytes  # noqa: E402
@@ -56,22 +56,25 @@ def photo_features(ds, rows: list[int], pipe, encoder, cache: Path) -> np.ndarra
             continue
         crops = identity_crops(ds.records[row], encoder, size, pad)
         with torch.no_grad():
-            z = pipe.vae.encode(torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)).latent_dist
-        lat = z.mean.flatten(1).numpy()  # (P, C*h*w)
+            lat = pipe.vae.encode(to_pixels(crops, pipe.vae.device)).latent_dist.mean.flatten(1).numpy()  # (P, ·)
         done[name] = np.concatenate([lat.mean(0), lat.std(0)]).astype(np.float32)
         if (i + 1) % 25 == 0:
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, **done)
-            tmp.replace(cache)
+            _save(cache, done)
             print(f"photo features {i + 1}/{len(rows)} {time.perf_counter() - t0:.0f}s", flush=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **done)
-    tmp.replace(cache)
+    _save(cache, done)
     return np.stack([done[ds.records[r]["identity"]] for r in rows])
 
 
-def kernel_ridge(F: torch.Tensor, Y: torch.Tensor) -> tuple[float, dict[float, float]]:
-    """The penalty with the lowest exact leave-one-out MSE of ridge F -> Y (both centred), and every LOO MSE."""
+def _save(cache: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic ``np.savez`` (the feature cache lets an interrupted run resume)."""
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(cache)
+
+
+def kernel_ridge(F: torch.Tensor, Y: torch.Tensor) -> tuple[float, dict[float, float], torch.Tensor]:
+    """Ridge F -> Y (both centred) in dual form: the penalty with the lowest exact leave-one-out MSE, every LOO MSE,
+    and the dual coefficients (K + λI)⁻¹ Y (N, n) at that penalty."""
     K = F @ F.T  # (N, N)
     ev, U = torch.linalg.eigh(K)
     UtY = U.T @ Y  # (N, n)
@@ -81,7 +84,8 @@ def kernel_ridge(F: torch.Tensor, Y: torch.Tensor) -> tuple[float, dict[float, f
         H_diag = (U**2) @ h  # (N,)
         resid = (Y - U @ (h[:, None] * UtY)) / (1 - H_diag)[:, None]  # LOO residuals
         loo[lam] = float((resid**2).mean())
-    return min(loo, key=loo.get), loo
+    best = min(loo, key=loo.get)
+    return best, loo, U @ (UtY / (ev + best)[:, None])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     feats["both"] = torch.cat([feats["face"], feats["photo"]], 1)
     preds, chosen = {}, {}
     for name, F in feats.items():
-        lam, loo = kernel_ridge(F[:nt], Yc)
-        alpha = torch.linalg.solve(F[:nt] @ F[:nt].T + lam * torch.eye(nt, dtype=F.dtype), Yc)  # (N, n)
+        lam, loo, alpha = kernel_ridge(F[:nt], Yc)  # alpha (N, n)
         preds[name] = y_mean + F[nt:] @ F[:nt].T @ alpha  # (V, n)
         chosen[name] = {"lambda": lam, "loo_mse": loo[lam], "loo_mse_zero_model": float((Yc**2).mean())}
         print(f"{name}: lambda {lam:g}, LOO MSE {loo[lam]:.6g} (predicting the mean: {float((Yc**2).mean()):.6g})")
@@ -154,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             f" {s['mean']:10.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}]"
         )
     return 0
-
-
-def _summary(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "ci95": list(bootstrap_ci(values))}
 
 
 def _tokens(ds, flat_real: torch.Tensor) -> torch.Tensor:
