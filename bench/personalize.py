@@ -9,8 +9,10 @@ Writes bench/results/personalize.json (sd15-random: personalize_sd15.json) and p
 ``sd15-random`` is SD 1.5's architecture with random weights (scripts/gpu_smoke.py) and an untrained ``sd15``-preset
 hypernet: timing only. Training it for the recipe's steps on a CPU takes hours, so ``--time-steps N`` trains 1 + N
 steps at ``--train-batch`` images; the recipe's time is set-up (latents, text, injection and the first step) +
-steps x batch size x the seconds per image of the fastest of the other N steps (a lower bound: the speedup is
-understated, never overstated; the table prints the measured parts).
+steps x batch size x the seconds per image of the fastest of the other N steps (the table prints the measured
+parts). The fastest step understates a step's time; scaling per image from ``--train-batch`` to the recipe's batch
+assumes no fixed cost per step, which holds where a step is seconds of convolution (SD 1.5 on a CPU) but not on the
+tiny world, where a smaller timed batch overstates the fine-tune: time it at the recipe's batch there.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         part = replace(recipe, steps=1 + args.time_steps, batch_size=batch)
         res = train_identity(pipe, rec["_crops"], part, base_model=recipe.base_model_id)
         # steps still speed up after the first few (SD 1.5 on a CPU: 30, 23, 18, 17 s), and noise only adds time:
-        # the fastest timed step can only understate the fine-tune, hence the speedup
+        # the fastest timed step understates a step (per-image scaling to the recipe's batch: see the docstring)
         per_image = min(res.step_seconds[1:]) / batch
         setup = res.seconds - sum(res.step_seconds[1:])  # latents, text, injection, first step
         t_train_model = setup + recipe.steps * per_image * recipe.batch_size
