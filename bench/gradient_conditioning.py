@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import read_manifest  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _summary, identity_crops  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity, _summary, identity_crops, photo_inputs  # noqa: E402
 from hypernet.predict import Predictor  # noqa: E402
 from pipeline_data.adapter_train import encode_latents, train_identity, unet_conditioning  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
@@ -158,6 +158,12 @@ def eps_with(pipe, sched, delta: dict | None, lat, noise, t, cond) -> torch.Tens
             unet.get_submodule(n).weight.copy_(w)
 
 
+def delta_eps(pipe, sched, crops: np.ndarray, cands: dict, caption: str, timesteps) -> dict[str, torch.Tensor]:
+    """Every candidate's (ΔW per layer, or None) noise prediction at ``hypernet eval``'s function-fidelity inputs."""
+    lat, noise, ts, cond = photo_inputs(pipe, crops, timesteps, caption, 0)
+    return {c: eps_with(pipe, sched, d, lat, noise, ts, cond) for c, d in cands.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=REPO / "data" / "tiny-lora")
@@ -237,13 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             res = train_identity(pipe, crops, replace(recipe, steps=k, seed=recipe.seed + 1), base_model=recipe.base)
             cands[f"finetune_{k}"] = lora_delta(res.adapter, layers)
             seconds.setdefault(f"finetune_{k}", []).append(res.seconds)
-        g = torch.Generator().manual_seed(0)  # the evaluation's inputs, as in hypernet eval
-        lat = encode_latents(pipe, crops, g, flip=False)
-        ts = torch.tensor(ecfg.timesteps).repeat_interleave(len(lat))
-        lat = lat.repeat(len(ecfg.timesteps), 1, 1, 1)
-        noise = torch.randn(lat.shape, generator=g)
-        cond = unet_conditioning(pipe, recipe.caption, len(lat), size, size)
-        eps = {c: eps_with(pipe, sched, d, lat, noise, ts, cond) for c, d in cands.items()}
+        eps = delta_eps(pipe, sched, crops, cands, recipe.caption, ecfg.timesteps)
         for c in cands:
             if c not in ("base", "oracle"):
                 fid, fcos = _fidelity(eps, c)

@@ -269,8 +269,9 @@ def score_candidates(
     return out
 
 
-def _photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: str, seed: int) -> dict:
-    """Every candidate's noise prediction on the crops, at fixed VAE samples, noise and timesteps."""
+def photo_inputs(pipe, crops: np.ndarray, timesteps, caption: str, seed: int) -> tuple:
+    """Function-fidelity inputs on the crops: (latents, noise, timesteps, UNet conditioning), every crop at every
+    timestep, with VAE samples and noise fixed by ``seed``."""
     from pipeline_data.adapter_train import encode_latents, unet_conditioning
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -279,7 +280,12 @@ def _photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: 
     ts = torch.tensor(timesteps).repeat_interleave(len(lat))
     lat = lat.repeat(len(timesteps), 1, 1, 1)  # (len(ts) * N, C, h, w)
     noise = torch.randn(lat.shape, generator=g)
-    cond = unet_conditioning(pipe, caption, len(lat), size, size)
+    return lat, noise, ts, unet_conditioning(pipe, caption, len(lat), size, size)
+
+
+def _photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: str, seed: int) -> dict:
+    """Every candidate's noise prediction on the crops, at fixed VAE samples, noise and timesteps."""
+    lat, noise, ts, cond = photo_inputs(pipe, crops, timesteps, caption, seed)
     return {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
 
 

@@ -1,0 +1,144 @@
+"""How much of a new identity's oracle adapter lies in the span of the training identities' adapters?
+
+Every predictor fitted on the training identities whose output is a combination of their adapters — nearest
+neighbours and their blends, kernel ridge, a linear head on learned features, the linear autoencoder's decoder —
+can at best output the new identity's oracle projected onto that span. This measures the projection's function
+fidelity and effect cosine (scored like ``hypernet eval``'s function metrics) on the first ``--n`` val identities,
+for spans of the first n training identities' adapters (ΔW, least squares over all targeted layers), and so how
+the ceiling grows with the number of training identities.
+
+    .venv/bin/python bench/span_ceiling.py [--dataset data/tiny-lora] [--n 16] [--sizes 50 100 200 400 622]
+
+Writes bench/results/span_ceiling.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.gradient_conditioning import crops_cached, delta_eps  # noqa: E402
+from hypernet.adapter_data import read_manifest  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity, _summary  # noqa: E402
+from pipeline_data.faces import get_encoder  # noqa: E402
+from pipeline_data.models import load_pipeline  # noqa: E402
+from pipeline_data.recipe import BuildConfig  # noqa: E402
+from weights.formats.native import load_native  # noqa: E402
+from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+
+
+def layer_deltas(adapters: list, name: str) -> torch.Tensor:
+    """(len(adapters), m * n_flat) float64: every adapter's ΔW of one layer."""
+    return torch.stack(
+        [
+            (
+                a.spec.scale
+                * a.tensors[f"{name}::B"].double().flatten(1)
+                @ a.tensors[f"{name}::A"].double().flatten(1)
+            ).flatten()
+            for a in adapters
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", type=Path, default=REPO / "data" / "tiny-lora")
+    ap.add_argument("--n", type=int, default=16, help="val identities scored (the first N)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 622], help="training spans")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "crops", help="crop cache folder")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "span_ceiling.json")
+    args = ap.parse_args(argv)
+    from diffusers import DDPMScheduler
+
+    recs = [r for r in read_manifest(args.dataset) if r.get("status") == "ok"]
+    train = [r for r in recs if r["split"] == "train"]
+    val = [r for r in recs if r["split"] == "val"][: args.n]
+    sizes = sorted({min(s, len(train)) for s in args.sizes if s >= 1})
+    if not sizes or not val:
+        ap.error("need --sizes >= 1 and at least one val identity")
+    recipe = BuildConfig.from_dict(json.loads((args.dataset / "config.json").read_text()))
+    if recipe.method != "lora":
+        ap.error(f"a LoRA dataset is needed, this one is {recipe.method}")
+    t0 = time.perf_counter()
+    tr = [load_native(args.dataset / r["adapter"]) for r in train[: max(sizes)]]
+    va = [load_native(args.dataset / r["adapter"]) for r in val]
+    layers = [lay.name for lay in tr[0].spec.layers]
+    gram = torch.zeros(len(tr), len(tr), dtype=torch.float64)  # <ΔW_i, ΔW_j> over all layers
+    cross = torch.zeros(len(tr), len(va), dtype=torch.float64)  # <ΔW_i, ΔW_val>
+    for name in layers:
+        Y, y = layer_deltas(tr, name), layer_deltas(va, name)
+        gram += Y @ Y.T
+        cross += Y @ y.T
+    coefs = {}
+    for s in sizes:  # least squares: the val oracle's projection onto span(ΔW_1..ΔW_s)
+        G = gram[:s, :s]
+        coefs[s] = torch.linalg.solve(G + 1e-10 * G.diagonal().mean() * torch.eye(s, dtype=G.dtype), cross[:s])
+    proj: dict[int, list[dict]] = {s: [{} for _ in va] for s in sizes}
+    kept = {s: torch.zeros(len(va), dtype=torch.float64) for s in sizes}
+    total = torch.zeros(len(va), dtype=torch.float64)
+    for name in layers:
+        Y, y = layer_deltas(tr, name), layer_deltas(va, name)
+        total += (y**2).sum(1)
+        for s in sizes:
+            P = coefs[s].T @ Y[:s]  # (n_val, m * n_flat)
+            kept[s] += (P * y).sum(1)  # = ||P||² for an orthogonal projection
+            for j in range(len(va)):
+                proj[s][j][name] = P[j].float()
+    print(f"spans built {time.perf_counter() - t0:.0f}s", flush=True)
+
+    pipe = load_pipeline(recipe.base)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoder = get_encoder(recipe.face_backend)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    args.cache.mkdir(parents=True, exist_ok=True)
+    ecfg = EvalConfig()
+    per: dict[str, list[dict]] = {}
+    for j, rec in enumerate(val):
+        crops = crops_cached(rec, encoder, size, recipe.crop_padding, args.cache)
+        oracle = {name: layer_deltas([va[j]], name)[0].float() for name in layers}
+        cands = {"base": None, "oracle": oracle} | {f"span_{s}": proj[s][j] for s in sizes}
+        eps = delta_eps(pipe, sched, crops, cands, recipe.caption, ecfg.timesteps)
+        for s in sizes:
+            fid, fcos = _fidelity(eps, f"span_{s}")
+            wcos = float(kept[s][j].clamp_min(0).sqrt() / total[j].sqrt())
+            per.setdefault(f"span_{s}", []).append(
+                {"identity": rec["identity"], "fidelity": fid, "cosine": fcos, "weight_cosine": wcos}
+            )
+        print(f"val {j + 1}/{len(val)} {time.perf_counter() - t0:.0f}s", flush=True)
+    rows = {
+        c: {
+            "training_identities": int(c.split("_")[1]),
+            "function_fidelity": _summary([m["fidelity"] for m in ms]),
+            "function_cosine": _summary([m["cosine"] for m in ms]),
+            "weight_cosine": _summary([m["weight_cosine"] for m in ms]),
+        }
+        for c, ms in per.items()
+    }
+    doc = {
+        "what": "val oracles projected onto the span of the first n training adapters (bench/span_ceiling.py)",
+        "val_identities": [r["identity"] for r in val],
+        "rows": rows,
+        "per_identity": per,
+    }
+    atomic_write_bytes(args.out, (json.dumps(doc, indent=2) + "\n").encode())
+    print(f"{'span of':>8} {'fn fidelity (95% CI)':>28} {'fn cosine':>10} {'w. cosine':>10}")
+    for r in rows.values():
+        (lo, hi), f = r["function_fidelity"]["ci95"], r["function_fidelity"]["mean"]
+        print(
+            f"{r['training_identities']:8d} {f:+10.3f} [{lo:+.3f}, {hi:+.3f}] {r['function_cosine']['mean']:10.3f}"
+            f" {r['weight_cosine']['mean']:10.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
