@@ -57,7 +57,7 @@ tiny-assets: setup
 	$(BIN)/python bench/fidelity_ceiling.py --average 3
 	$(BIN)/python bench/photo_conditioning.py
 	$(BIN)/python bench/gradient_conditioning.py
-	$(BIN)/python bench/span_ceiling.py
+	$(BIN)/python bench/span_ceiling.py --seed-ids 150
 	$(BIN)/python bench/samples.py
 	$(BIN)/python bench/personalize.py
 	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 120 --val 8 --eval 24 \

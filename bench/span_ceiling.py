@@ -7,7 +7,12 @@ fidelity and effect cosine (scored like ``hypernet eval``'s function metrics) on
 for spans of the first n training identities' adapters (ΔW, least squares over all targeted layers), and so how
 the ceiling grows with the number of training identities.
 
+``--seed-ids N`` also asks whether re-training known identities with another seed widens the span as much as new
+identities do: it trains (and caches) the recipe with seed + 1 on the first N training identities and reports the
+weight cosine of the projections onto N identities × 1 seed, N identities × 2 seeds and 2N identities × 1 seed.
+
     .venv/bin/python bench/span_ceiling.py [--dataset data/tiny-lora] [--n 16] [--sizes 50 100 200 400 622]
+        [--seed-ids 150]
 
 Writes bench/results/span_ceiling.json and prints a table.
 """
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,10 +34,11 @@ sys.path.insert(0, str(REPO))
 from bench.gradient_conditioning import crops_cached, delta_eps  # noqa: E402
 from hypernet.adapter_data import read_manifest  # noqa: E402
 from hypernet.evaluate import EvalConfig, _fidelity, _summary  # noqa: E402
+from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
-from weights.formats.native import load_native  # noqa: E402
+from weights.formats.native import load_native, save_native  # noqa: E402
 from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 
 
@@ -49,11 +56,59 @@ def layer_deltas(adapters: list, name: str) -> torch.Tensor:
     )
 
 
+def projection_cosines(gram: torch.Tensor, cross: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Per val adapter: cosine between it and its projection onto the span of the adapters whose Gram matrix is
+    ``gram`` ((k, k)) and inner products with the val adapters ``cross`` ((k, V)); ``total`` = their norms²."""
+    coef = torch.linalg.solve(gram + 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), cross)
+    return ((coef * cross).sum(0).clamp_min(0) / total).sqrt()  # ||P y||² = <coef, cross> for a projection
+
+
+def seed_rows(
+    pipe, encoder, recipe: BuildConfig, dataset: Path, train: list, va: list, n: int, cache: Path, crops: Path
+) -> dict:
+    """Weight cosines of the val adapters' projections: n identities (seed 0), the same with a second seed, 2n
+    identities (seed 0). The second seed's adapters are trained once and cached in ``cache``."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cache.mkdir(parents=True, exist_ok=True)
+    seed = recipe.seed + 1
+    again = []
+    for i, rec in enumerate(train[:n]):
+        path = cache / f"{rec['identity']}__seed{seed}.safetensors"
+        if not path.is_file():
+            c = crops_cached(rec, encoder, size, recipe.crop_padding, crops)
+            save_native(train_identity(pipe, c, replace(recipe, seed=seed), base_model=recipe.base).adapter, path)
+            print(f"seed {seed}: {i + 1}/{n}", flush=True)
+        again.append(load_native(path))
+    first = [load_native(dataset / rec["adapter"]) for rec in train[: 2 * n]]
+    adapters = first + again  # 0..2n-1: seed 0; 2n..3n-1: the first n identities again with the other seed
+    layers = [lay.name for lay in va[0].spec.layers]
+    gram = torch.zeros(3 * n, 3 * n, dtype=torch.float64)
+    cross = torch.zeros(3 * n, len(va), dtype=torch.float64)
+    total = torch.zeros(len(va), dtype=torch.float64)
+    for name in layers:
+        Y, y = layer_deltas(adapters, name), layer_deltas(va, name)
+        gram, cross, total = gram + Y @ Y.T, cross + Y @ y.T, total + (y**2).sum(1)
+    spans = {
+        f"{n} identities, seed {recipe.seed}": list(range(n)),
+        f"{n} identities, seed {seed}": list(range(2 * n, 3 * n)),
+        f"{n} identities x seeds {recipe.seed} and {seed}": list(range(n)) + list(range(2 * n, 3 * n)),
+        f"{2 * n} identities, seed {recipe.seed}": list(range(2 * n)),
+    }
+    out = {}
+    for name, idx in spans.items():
+        ix = torch.tensor(idx)
+        cos = projection_cosines(gram[ix][:, ix], cross[ix], total)
+        out[name] = {"adapters": len(idx), "weight_cosine": _summary(cos.tolist())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=REPO / "data" / "tiny-lora")
     ap.add_argument("--n", type=int, default=16, help="val identities scored (the first N)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 622], help="training spans")
+    ap.add_argument("--seed-ids", type=int, default=0, help="also compare a second seed on the first N identities")
+    ap.add_argument("--seed-cache", type=Path, default=REPO / "runs" / "span_seeds", help="second-seed adapters")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "crops", help="crop cache folder")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "span_ceiling.json")
     args = ap.parse_args(argv)
@@ -65,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({min(s, len(train)) for s in args.sizes if s >= 1})
     if not sizes or not val:
         ap.error("need --sizes >= 1 and at least one val identity")
+    if args.seed_ids < 0 or 2 * args.seed_ids > len(train):
+        ap.error(f"--seed-ids must be between 0 and half the {len(train)} training identities")
     recipe = BuildConfig.from_dict(json.loads((args.dataset / "config.json").read_text()))
     if recipe.method != "lora":
         ap.error(f"a LoRA dataset is needed, this one is {recipe.method}")
@@ -123,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         for c, ms in per.items()
     }
+    seeds = (
+        seed_rows(pipe, encoder, recipe, args.dataset, train, va, args.seed_ids, args.seed_cache, args.cache)
+        if args.seed_ids
+        else None
+    )
     doc = {
         "what": "val oracles projected onto the span of the first n training adapters (bench/span_ceiling.py)",
         "val_identities": [r["identity"] for r in val],
         "rows": rows,
+        **({"seeds": seeds} if seeds else {}),
         "per_identity": per,
     }
     atomic_write_bytes(args.out, (json.dumps(doc, indent=2) + "\n").encode())
@@ -137,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['training_identities']:8d} {f:+10.3f} [{lo:+.3f}, {hi:+.3f}] {r['function_cosine']['mean']:10.3f}"
             f" {r['weight_cosine']['mean']:10.3f}"
         )
+    for name, r in (seeds or {}).items():
+        print(f"{name:<40} ({r['adapters']} adapters): weight cosine {r['weight_cosine']['mean']:.3f}")
     return 0
 
 
