@@ -57,6 +57,8 @@ from pipeline_data.models import load_pipeline  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
 from weights.formats.native import load_native  # noqa: E402
 from weights.inject import inject_adapter, remove_adapter  # noqa: E402
+from weights.methods import method_config  # noqa: E402
+from weights.methods.lora import lora_delta_matrix  # noqa: E402
 from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 
 VARIANTS = ("grad_proj", "grad_svd", "grad_adam")
@@ -138,9 +140,9 @@ def directions(grad: dict, A0: dict, rank: int, recipe: BuildConfig) -> dict[str
 
 
 def lora_delta(adapter, layers: list[str]) -> dict[str, torch.Tensor]:
-    s = adapter.spec.scale
-    return {n: s * adapter.tensors[f"{n}::B"].float().flatten(1) @ adapter.tensors[f"{n}::A"].float().flatten(1)
-            for n in layers}  # fmt: skip
+    """layer -> the LoRA adapter's float32 ΔW (m, n_flat)."""
+    cfg = method_config(adapter.spec)
+    return {n: lora_delta_matrix(adapter.layer_params(n), cfg) for n in layers}
 
 
 @torch.no_grad()

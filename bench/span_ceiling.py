@@ -43,7 +43,8 @@ from weights.safetensors_io import atomic_write_bytes  # noqa: E402
 
 
 def layer_deltas(adapters: list, name: str) -> torch.Tensor:
-    """(len(adapters), m * n_flat) float64: every adapter's ΔW of one layer."""
+    """(len(adapters), m * n_flat): every adapter's ΔW of one layer, in float64 (``lora_delta_matrix`` is float32;
+    the Gram matrices of 622 adapters over 5.7 M values need the precision)."""
     return torch.stack(
         [
             (
@@ -56,10 +57,28 @@ def layer_deltas(adapters: list, name: str) -> torch.Tensor:
     )
 
 
-def projection_cosines(gram: torch.Tensor, cross: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Per val adapter: cosine between it and its projection onto the span of the adapters whose Gram matrix is
-    ``gram`` ((k, k)) and inner products with the val adapters ``cross`` ((k, V)); ``total`` = their norms²."""
-    coef = torch.linalg.solve(gram + 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), cross)
+def inner_products(adapters: list, targets: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ΔW inner products over all targeted layers, one layer at a time: the Gram matrix of ``adapters`` (k, k),
+    their products with ``targets`` (k, V) and the targets' squared norms (V,)."""
+    gram = torch.zeros(len(adapters), len(adapters), dtype=torch.float64)
+    cross = torch.zeros(len(adapters), len(targets), dtype=torch.float64)
+    total = torch.zeros(len(targets), dtype=torch.float64)
+    for lay in targets[0].spec.layers:
+        Y, y = layer_deltas(adapters, lay.name), layer_deltas(targets, lay.name)
+        gram, cross, total = gram + Y @ Y.T, cross + Y @ y.T, total + (y**2).sum(1)
+    return gram, cross, total
+
+
+def span_coefficients(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """(k, V) least-squares coefficients of V adapters on the span of k adapters, from their Gram matrix ``gram``
+    (k, k) and inner products ``cross`` (k, V); a 1e-10 relative jitter keeps near-dependent spans solvable."""
+    jitter = 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram + jitter, cross)
+
+
+def projection_cosines(coef: torch.Tensor, cross: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(V,) cosine between each adapter and its projection (``coef`` from :func:`span_coefficients`); ``total`` =
+    the adapters' squared norms."""
     return ((coef * cross).sum(0).clamp_min(0) / total).sqrt()  # ||P y||² = <coef, cross> for a projection
 
 
@@ -81,13 +100,7 @@ def seed_rows(
         again.append(load_native(path))
     first = [load_native(dataset / rec["adapter"]) for rec in train[: 2 * n]]
     adapters = first + again  # 0..2n-1: seed 0; 2n..3n-1: the first n identities again with the other seed
-    layers = [lay.name for lay in va[0].spec.layers]
-    gram = torch.zeros(3 * n, 3 * n, dtype=torch.float64)
-    cross = torch.zeros(3 * n, len(va), dtype=torch.float64)
-    total = torch.zeros(len(va), dtype=torch.float64)
-    for name in layers:
-        Y, y = layer_deltas(adapters, name), layer_deltas(va, name)
-        gram, cross, total = gram + Y @ Y.T, cross + Y @ y.T, total + (y**2).sum(1)
+    gram, cross, total = inner_products(adapters, va)
     spans = {
         f"{n} identities, seed {recipe.seed}": list(range(n)),
         f"{n} identities, seed {seed}": list(range(2 * n, 3 * n)),
@@ -97,7 +110,7 @@ def seed_rows(
     out = {}
     for name, idx in spans.items():
         ix = torch.tensor(idx)
-        cos = projection_cosines(gram[ix][:, ix], cross[ix], total)
+        cos = projection_cosines(span_coefficients(gram[ix][:, ix], cross[ix]), cross[ix], total)
         out[name] = {"adapters": len(idx), "weight_cosine": _summary(cos.tolist())}
     return out
 
@@ -129,25 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     tr = [load_native(args.dataset / r["adapter"]) for r in train[: max(sizes)]]
     va = [load_native(args.dataset / r["adapter"]) for r in val]
     layers = [lay.name for lay in tr[0].spec.layers]
-    gram = torch.zeros(len(tr), len(tr), dtype=torch.float64)  # <ΔW_i, ΔW_j> over all layers
-    cross = torch.zeros(len(tr), len(va), dtype=torch.float64)  # <ΔW_i, ΔW_val>
-    for name in layers:
-        Y, y = layer_deltas(tr, name), layer_deltas(va, name)
-        gram += Y @ Y.T
-        cross += Y @ y.T
-    coefs = {}
-    for s in sizes:  # least squares: the val oracle's projection onto span(ΔW_1..ΔW_s)
-        G = gram[:s, :s]
-        coefs[s] = torch.linalg.solve(G + 1e-10 * G.diagonal().mean() * torch.eye(s, dtype=G.dtype), cross[:s])
+    gram, cross, total = inner_products(tr, va)
+    # the val oracles' projections onto span(ΔW_1..ΔW_s): coefficients, weight cosines, then ΔW per layer (a second
+    # pass: all training ΔW at once would not fit in memory)
+    coefs = {s: span_coefficients(gram[:s, :s], cross[:s]) for s in sizes}
+    wcos = {s: projection_cosines(coefs[s], cross[:s], total) for s in sizes}
     proj: dict[int, list[dict]] = {s: [{} for _ in va] for s in sizes}
-    kept = {s: torch.zeros(len(va), dtype=torch.float64) for s in sizes}
-    total = torch.zeros(len(va), dtype=torch.float64)
     for name in layers:
-        Y, y = layer_deltas(tr, name), layer_deltas(va, name)
-        total += (y**2).sum(1)
+        Y = layer_deltas(tr, name)
         for s in sizes:
             P = coefs[s].T @ Y[:s]  # (n_val, m * n_flat)
-            kept[s] += (P * y).sum(1)  # = ||P||² for an orthogonal projection
             for j in range(len(va)):
                 proj[s][j][name] = P[j].float()
     print(f"spans built {time.perf_counter() - t0:.0f}s", flush=True)
@@ -166,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         eps = delta_eps(pipe, sched, crops, cands, recipe.caption, ecfg.timesteps)
         for s in sizes:
             fid, fcos = _fidelity(eps, f"span_{s}")
-            wcos = float(kept[s][j].clamp_min(0).sqrt() / total[j].sqrt())
             per.setdefault(f"span_{s}", []).append(
-                {"identity": rec["identity"], "fidelity": fid, "cosine": fcos, "weight_cosine": wcos}
+                {"identity": rec["identity"], "fidelity": fid, "cosine": fcos, "weight_cosine": float(wcos[s][j])}
             )
         print(f"val {j + 1}/{len(val)} {time.perf_counter() - t0:.0f}s", flush=True)
     rows = {
