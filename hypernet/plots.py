@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
+
+from weights.safetensors_io import atomic_write_bytes
 
 PANELS = (  # (title, stage, train key, validation keys)
     ("autoencoder", "autoencoder", "loss", ("val_ae_rel_mse",)),
@@ -39,13 +40,10 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = Path(png)
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png)
+        fig.savefig(buf, format="png", dpi=100)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(png, buf.getvalue())
     return True

@@ -124,6 +124,7 @@ class Engine:
         self._cache: OrderedDict[str, Adapter] = OrderedDict()
         self._applied: tuple[str, float] | None = None  # (identity id, scale) merged into the UNet now
         self._schedulers: dict[str, Any] = {"default": pipe.scheduler}
+        self._min_steps: dict[str, int] = {}
         self._avg_task_s = 1.0  # running mean of seconds per task, for Retry-After
         self._thread = threading.Thread(target=self._run, name="difflora-model-worker", daemon=True)
 
@@ -132,8 +133,23 @@ class Engine:
         # build every scheduler here, on the caller's thread: diffusers imports them lazily, and a lazy import in
         # the worker racing another thread's import has failed inside torch ("operator ... does not exist")
         for name in SCHEDULERS:
-            self._scheduler(name)
+            self.min_steps(name)
         self._thread.start()
+
+    def min_steps(self, scheduler: str) -> int:
+        """Fewest denoising steps ``scheduler`` accepts with this model's config (PNDM's Runge-Kutta warm-up needs
+        4 unless the config skips it), found once by trying ``set_timesteps`` on a copy."""
+        n = self._min_steps.get(scheduler)
+        if n is None:
+            s = self._scheduler(scheduler)
+            for n in range(1, 65):
+                try:
+                    type(s).from_config(s.config).set_timesteps(n)
+                    break
+                except (ValueError, IndexError, RuntimeError):
+                    continue
+            self._min_steps[scheduler] = n
+        return n
 
     def begin_drain(self) -> None:
         """Stop admitting new work (new submits raise EngineClosedError); queued work still runs."""
@@ -191,6 +207,8 @@ class Engine:
             raise ValueError("need one prompt per seed (at least one)")
         if params.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {params.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if params.steps < self.min_steps(params.scheduler):
+            raise ValueError(f"scheduler {params.scheduler!r} needs at least {self.min_steps(params.scheduler)} steps")
         return self._submit(_Task("generate", cf.Future(), identity_id, params, list(prompts), list(seeds)))
 
     def submit_predict(self, embeddings: np.ndarray) -> cf.Future:

@@ -58,6 +58,15 @@ def _loc(loc) -> str:
     return ".".join(str(x) for x in loc if x not in ("body",)) or "body"
 
 
+def _detail(e: dict) -> dict:
+    """One validation error as ``{field, message}``; a JSON syntax error's location is a character offset."""
+    loc = e.get("loc", ())
+    if e.get("type") == "json_invalid":
+        at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        return {"field": "body", "message": f"{e.get('msg', 'JSON decode error')}{at}"}
+    return {"field": _loc(loc), "message": e.get("msg", "")}
+
+
 def _multipart_reason(exc: BaseException) -> str | None:
     """Starlette answers every multipart parse failure with "Invalid multipart data."; the parser's own reason
     (python-multipart, chained below it) says what was wrong. None when ``exc`` is not such a failure."""
@@ -92,7 +101,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"field": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
+        details = [_detail(e) for e in exc.errors()]
         first = details[0] if details else {"field": "body", "message": "invalid request"}
         msg = f"{first['field']}: {first['message']}"
         if len(details) > 1:

@@ -16,6 +16,7 @@ import time
 import anyio
 
 from .engine import EngineClosedError, QueueFullError
+from .errors import ApiError
 from .schemas import MAX_SEED, JobRequest
 from .state import ServiceState
 
@@ -94,7 +95,11 @@ class JobRunner:
             lambda: storage.set_job_status(job_id, "running", only_from=("queued", "running"))
         ):
             return
-        params = resolve_params(req.settings, st.settings)
+        try:
+            params = resolve_params(req.settings, st.settings, st.engine)
+        except ApiError as e:  # e.g. a job queued before a restart with lower limits: fail it, run the next one
+            await anyio.to_thread.run_sync(self._fail_job, job_id, f"settings: {e.detail}")
+            return
         for item in await anyio.to_thread.run_sync(storage.pending_items, job_id):
             if self._stopping or storage.job_status(job_id) == "canceled":
                 return
@@ -117,6 +122,9 @@ class JobRunner:
             except EngineClosedError:
                 return
             except Exception as e:  # noqa: BLE001 - recorded on the item
+                if not storage.identity_exists(ident):  # deleted while the item waited in the model queue
+                    await anyio.to_thread.run_sync(storage.fail_item, job_id, idx, "identity not found", 0.0)
+                    continue
                 log.exception("job %s item %d failed", job_id, idx)
                 await anyio.to_thread.run_sync(storage.fail_item, job_id, idx, f"{type(e).__name__}", 0.0)
                 continue
@@ -131,3 +139,10 @@ class JobRunner:
         else:
             status, err = "succeeded", None
         await anyio.to_thread.run_sync(lambda: storage.set_job_status(job_id, status, err, only_from=("running",)))
+
+    def _fail_job(self, job_id: str, error: str) -> None:
+        """Fail every pending item of a job that cannot run, then the job, with ``error``."""
+        storage = self.state.storage
+        for item in storage.pending_items(job_id):
+            storage.fail_item(job_id, item["idx"], error, 0.0)
+        storage.set_job_status(job_id, "failed", error, only_from=("running",))

@@ -63,7 +63,8 @@ class IdentityPublic(BaseModel):
 class GenerationSettings(BaseModel):
     """Generation settings shared by /v1/generations and batch jobs (``None`` = server default)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as documented (no "3" or true for a number); an integer is still a valid float
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     negative_prompt: str = Field("", max_length=1000)
     steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (server limit applies)")
@@ -85,6 +86,7 @@ class GenerateRequest(GenerationSettings):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"identity_id": "idt_0123456789abcdef01234567", "prompt": "a photo of sks person", "seed": 42}
@@ -111,6 +113,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"identity_ids": ["idt_0123456789abcdef01234567"], "prompts": ["a photo of sks person"], "seed": 7}

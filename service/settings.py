@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_photos: int = Field(10, ge=1, le=100)  # photos per identity
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # request body cap (413), checked before parsing
     max_image_pixels: int = Field(40_000_000, ge=1)  # per photo, from the header, before decoding
+    # photos are downscaled to this longer side as they are decoded (JPEGs decode at reduced size): detection runs
+    # at <= 800 px anyway, and ten 40 M-pixel photos would otherwise hold ~1.2 GB while they are embedded
+    max_image_side: int = Field(2048, ge=256, le=16384)
     max_steps: int = Field(100, ge=1, le=1000)  # denoising steps per generation
     max_size: int | None = Field(None, ge=8)  # largest width/height (default: per preset)
     max_num_images: int = Field(4, ge=1, le=64)  # images per generation request

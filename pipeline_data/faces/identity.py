@@ -159,6 +159,8 @@ def identity_from_embeddings(
             if s < threshold:
                 reasons[i] = f"similarity to the other photos' mean {s:.3f} < threshold {threshold:.3f}"
     inliers = [i for i in range(m) if i not in reasons]
+    if reasons:
+        warns.append(f"{len(reasons)} of {m} photos do not match the main group of {len(inliers)}; left out")
     if len(comps) > 1 and len([c for c in comps if len(c) == len(main)]) > 1:
         warns.append("two equally large groups of matching photos; kept the more similar one")
     consistency = mean_sim(inliers) if len(inliers) > 1 else 1.0

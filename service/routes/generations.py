@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..deps import EngineDep, StateDep, submit, wait_for
-from ..engine import GenParams
+from ..engine import Engine, GenParams
 from ..errors import ApiError
 from ..schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, GenerationSettings
 from ..settings import Settings
@@ -21,11 +21,16 @@ from .identities import ERRORS
 router = APIRouter(tags=["generations"])
 
 
-def resolve_params(g: GenerationSettings, s: Settings) -> GenParams:
-    """Fill server defaults and enforce the configured limits (422 ``limit_exceeded``)."""
+def resolve_params(g: GenerationSettings, s: Settings, engine: Engine | None = None) -> GenParams:
+    """Fill server defaults and enforce the configured limits (422 ``limit_exceeded``) and, given the engine, the
+    scheduler's fewest steps (422 ``invalid_request``)."""
     steps = g.steps if g.steps is not None else s.default_steps
     width = g.width if g.width is not None else s.default_size
     height = g.height if g.height is not None else s.default_size
+    least = engine.min_steps(g.scheduler) if engine is not None else 1
+    if steps < least:
+        msg = f"scheduler {g.scheduler!r} needs at least {least} steps"
+        raise ApiError(422, "invalid_request", f"steps: {msg}", details=[{"field": "steps", "message": msg}])
     bad = []
     if steps > s.max_steps:
         bad.append({"field": "steps", "message": f"at most {s.max_steps} on this server"})
@@ -52,10 +57,23 @@ def encode_png(images: list) -> list[bytes]:
 
 
 def _wants_png(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    if "image/png" not in accept:
+    """Content negotiation: PNG when ``Accept`` prefers image/png to JSON (q-values; on a tie, the first listed)."""
+    q: dict[str, tuple[float, int]] = {}  # media range -> (quality, position)
+    for pos, part in enumerate(request.headers.get("accept", "").split(",")):
+        media, *params = (x.strip() for x in part.split(";"))
+        quality = 1.0
+        for p in params:
+            if p.lower().startswith("q="):
+                try:
+                    quality = float(p[2:])
+                except ValueError:
+                    quality = 0.0
+        q.setdefault(media.lower(), (quality, pos))
+    png = q.get("image/png", (0.0, 0))
+    if png[0] <= 0:
         return False
-    return "application/json" not in accept or accept.index("image/png") < accept.index("application/json")
+    js = q.get("application/json") or q.get("application/*") or q.get("*/*") or (0.0, 0)
+    return png[0] > js[0] or (png[0] == js[0] and png[1] < js[1])
 
 
 @router.post(
@@ -70,9 +88,10 @@ def _wants_png(request: Request) -> bool:
 async def generate(req: GenerateRequest, request: Request, state: StateDep, engine: EngineDep) -> GenerateResponse:
     """Generate images of an identity (or of the base model without ``identity_id``). The seed is returned."""
     s = state.settings
-    params = resolve_params(req, s)
+    params = resolve_params(req, s, engine)
     if req.num_images > s.max_num_images:
-        raise ApiError(422, "limit_exceeded", f"num_images: at most {s.max_num_images} on this server")
+        msg = f"at most {s.max_num_images} on this server"
+        raise ApiError(422, "limit_exceeded", f"num_images: {msg}", details=[{"field": "num_images", "message": msg}])
     png = _wants_png(request)
     if png and req.num_images != 1:
         raise ApiError(406, "not_acceptable", "Accept: image/png returns one image; ask for JSON for num_images > 1")
@@ -81,7 +100,16 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep, engi
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
     t0 = time.perf_counter()
-    out = await wait_for(submit(engine.submit_generate, req.identity_id, params, [req.prompt] * len(seeds), seeds))
+    fut = submit(engine.submit_generate, req.identity_id, params, [req.prompt] * len(seeds), seeds)
+    try:
+        out = await wait_for(fut)
+    except ApiError:
+        raise
+    except Exception:
+        # the identity was deleted while this request waited in the queue (its adapter file is gone)
+        if req.identity_id is not None and not state.storage.identity_exists(req.identity_id):
+            raise ApiError(404, "not_found", f"identity {req.identity_id[:64]!r} was deleted") from None
+        raise
     pngs = await anyio.to_thread.run_sync(encode_png, out.images)
     seconds = {
         "queue": round(out.queue_seconds, 4), "model": round(out.model_seconds, 4),

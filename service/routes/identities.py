@@ -63,7 +63,8 @@ def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
     results: list = []
     for data in datas:
         try:
-            rgbs.append(decode_image(data, max_pixels=s.max_image_pixels, max_bytes=s.max_body_bytes))
+            limits = {"max_pixels": s.max_image_pixels, "max_bytes": s.max_body_bytes, "max_side": s.max_image_side}
+            rgbs.append(decode_image(data, **limits))
             results.append(None)
         except ImageDecodeError as e:
             rgbs.append(None)
@@ -99,11 +100,15 @@ def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str
     return rows
 
 
-def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photos: dict[int, bytes]) -> None:
+def _store(
+    state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photos: dict[int, bytes], t0: float
+) -> None:
+    """Stage the identity's files, then add it (row + folder) in one step; ``t0``: when the request began."""
     from PIL import Image
 
     from weights.formats.native import save_native
 
+    t_store = time.perf_counter()
     staged = state.storage.staging_dir()
     try:
         save_native(adapter, staged / "adapter.safetensors")
@@ -112,6 +117,8 @@ def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photo
             Image.fromarray(chip).save(buf, format="PNG")
             atomic_write(staged / f"face-{i}.png", buf.getvalue())
             atomic_write(staged / f"photo-{i}.jpg", photos[i])
+        now = time.perf_counter()  # timings go into the stored record, so GET returns them too
+        rec.info["seconds"].update(store=round(now - t_store, 4), total=round(now - t0, 4))
         state.storage.add_identity(rec, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -124,15 +131,17 @@ def _store(state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photo
 async def create_identity(
     state: StateDep,
     engine: EngineDep,
-    photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
+    photos: Annotated[list[UploadFile] | None, File(description="1..max_photos face photos (JPEG/PNG/WebP)")] = None,
     name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
 ) -> IdentityPublic:
     """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
     s = state.settings
     if not photos:
-        raise ApiError(422, "no_photos", "send at least one photo in the multipart field 'photos'")
+        msg = "send at least one photo in the multipart field 'photos'"
+        raise ApiError(422, "no_photos", msg, details=[{"field": "photos", "message": msg}])
     if len(photos) > s.max_photos:
-        raise ApiError(422, "too_many_photos", f"at most {s.max_photos} photos per identity, got {len(photos)}")
+        msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
+        raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])
     t0 = time.perf_counter()
     datas = [await f.read() for f in photos]
     filenames = [_clean_name(f.filename) for f in photos]
@@ -168,10 +177,8 @@ async def create_identity(
         "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
     }  # fmt: skip
     rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
-    t2 = time.perf_counter()
-    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, clean)
+    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, clean, t0)
     engine.cache_put(identity_id, adapter.to(engine.device))
-    info["seconds"].update(store=round(time.perf_counter() - t2, 4), total=round(time.perf_counter() - t0, 4))
     return _public(rec)
 
 

@@ -46,14 +46,17 @@ async def _job(state, job_id: str) -> dict:
 async def create_job(
     req: JobRequest,
     state: StateDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200, description="same key → same job")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=200, pattern=r"\S", description="same key → same job")
+    ] = None,
 ):
     """Queue a batch job: every identity × every prompt. Replays with the same ``Idempotency-Key`` return it."""
     s = state.settings
-    resolve_params(req.settings, s)  # limits, now rather than at run time
+    resolve_params(req.settings, s, state.engine)  # limits, now rather than at run time
     items = job_items(req)
     if len(items) * req.num_images > s.max_job_items:
-        raise ApiError(422, "limit_exceeded", f"a job makes at most {s.max_job_items} images, this one {len(items)}")
+        msg = f"a job makes at most {s.max_job_items} images, this one {len(items) * req.num_images}"
+        raise ApiError(422, "limit_exceeded", msg, details=[{"field": "body", "message": msg}])
     missing = [i for i in dict.fromkeys(req.identity_ids) if not state.storage.identity_exists(i)]
     if missing:
         raise ApiError(404, "not_found", f"identity {missing[0][:64]!r} not found ({len(missing)} missing)")

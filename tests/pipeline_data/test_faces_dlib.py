@@ -78,6 +78,7 @@ def test_identity_consistency_and_outlier(enc, embs):
     mixed = OBAMA[:4] + ALEX[:1]
     ident2 = build_identity(enc, mixed, results=[embs[p.name] for p in mixed])
     assert ident2.outliers == [4] and not ident2.consistent
+    assert ident2.warnings == ["1 of 5 photos do not match the main group of 4; left out"]  # says why
     assert "threshold" in ident2.photos[4].reason
     np.testing.assert_allclose(ident2.embedding, build_identity(enc, OBAMA[:4]).embedding, atol=1e-5)
     alex = build_identity(enc, ALEX, results=[embs[p.name] for p in ALEX])

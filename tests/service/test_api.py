@@ -51,7 +51,8 @@ def test_identity_created_and_readable(client, identity):
     assert identity["consistent"] and identity["consistency"] > 0.9
     assert identity["adapter"]["layers"] > 0 and identity["seconds"]["total"] > 0
     got = client.get(f"/v1/identities/{identity['id']}").json()
-    assert got["photos"] == identity["photos"]
+    assert got["photos"] == identity["photos"] and got["seconds"] == identity["seconds"]
+    assert set(got["seconds"]) == {"faces", "predict", "store", "total"}
     face = client.get(identity["photos"][0]["face_url"])
     assert face.headers["content-type"] == "image/png" and Image.open(io.BytesIO(face.content)).size == (128, 128)
 
@@ -97,7 +98,17 @@ def test_identity_without_any_face(client):
         ("get", "/v1/jobs/job_nope", {}, 404, "not_found"),
         ("get", "/nope", {}, 404, "not_found"),
         ("put", "/v1/generations", {}, 405, "method_not_allowed"),
-        ("post", "/v1/identities", {"data": {"name": "x"}}, 422, "invalid_request"),
+        ("post", "/v1/identities", {"data": {"name": "x"}}, 422, "no_photos"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "steps": "3"}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "steps": True}}, 422, "invalid_request"),
+        ("post", "/v1/generations", {"json": {"prompt": "x", "seed": 1.5}}, 422, "invalid_request"),
+        (
+            "post",
+            "/v1/jobs",
+            {"json": {"identity_ids": [MISSING], "prompts": ["x"]}, "headers": {"Idempotency-Key": ""}},
+            422,
+            "invalid_request",
+        ),
         ("post", "/v1/identities", {"files": photo_files(OBAMA[:1] * 11)}, 422, "too_many_photos"),
     ],
 )
@@ -219,3 +230,112 @@ def test_full_queue_is_429_with_retry_after(client):
         f.result(timeout=120)
     assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 200
     assert "difflora_queue_rejected_total 1.0" in client.get("/metrics").text
+
+
+def test_every_422_names_its_field(client):
+    """Limit errors carry ``details`` like validation errors; a JSON syntax error points at the body."""
+    for kw, field in (
+        ({"json": {"prompt": "x", "num_images": 5}}, "num_images"),
+        ({"json": {"prompt": "x", "steps": 101}}, "steps"),
+        ({"content": b'{"prompt": "x",', "headers": {"content-type": "application/json"}}, "body"),
+    ):
+        err = _err(client.post("/v1/generations", **kw), 422)
+        assert err["details"][0]["field"] == field, err
+    err = _err(
+        client.post("/v1/generations", content=b'{"prompt": "x",', headers={"content-type": "application/json"}), 422
+    )
+    assert "character 15" in err["message"]
+    err = _err(client.post("/v1/identities", files=photo_files(OBAMA[:1] * 11)), 422, "too_many_photos")
+    assert err["details"] == [{"field": "photos", "message": "at most 10 photos per identity, got 11"}]
+
+
+def test_job_image_limit_counts_images(client, identity):
+    req = {"identity_ids": [identity["id"]], "prompts": [f"p{i}" for i in range(501)], "num_images": 2}
+    err = _err(client.post("/v1/jobs", json=req), 422, "limit_exceeded")
+    assert "at most 1000 images, this one 1002" in err["message"] and err["details"]
+
+
+def test_scheduler_minimum_steps(client):
+    """PNDM's Runge-Kutta warm-up needs pndm_order (4) steps with the tiny model's config: fewer is a 422 naming
+    ``steps``, not a 500 from inside diffusers, for a request and for a job."""
+    least = client.app.state.svc.engine.min_steps("pndm")
+    assert least == 4
+    req = {"prompt": "x", "seed": 1, "scheduler": "pndm"}
+    err = _err(client.post("/v1/generations", json={**req, "steps": least - 1}), 422, "invalid_request")
+    assert err["details"][0]["field"] == "steps" and "pndm" in err["message"]
+    assert client.post("/v1/generations", json={**req, "steps": least}).status_code == 200
+    assert client.post("/v1/generations", json={**req, "steps": 1, "scheduler": "euler"}).status_code == 200
+    job = {"identity_ids": [MISSING], "prompts": ["x"], "settings": {"steps": 2, "scheduler": "pndm"}}
+    _err(client.post("/v1/jobs", json=job), 422, "invalid_request")
+
+
+def test_accept_quality_values_and_head(client):
+    req = {"prompt": "x", "seed": 3}
+    r = client.post("/v1/generations", json=req, headers={"Accept": "image/png;q=0.1, application/json"})
+    assert r.headers["content-type"] == "application/json"
+    r = client.post("/v1/generations", json=req, headers={"Accept": "application/json;q=0.5, image/png"})
+    assert r.headers["content-type"] == "image/png"
+    assert client.head("/").status_code == 200
+
+
+def test_job_that_no_longer_fits_the_limits_fails_and_the_next_runs(client, identity):
+    """A job stored with settings beyond today's limits (queued before a restart with a lower max_steps) ends
+    ``failed`` with the reason on the job and every item; the runner goes on to the next job."""
+    from service.jobs import job_items, request_hash
+    from service.schemas import JobRequest
+    from service.storage import new_id
+
+    state = client.app.state.svc
+    stale = JobRequest(identity_ids=[identity["id"]], prompts=["a", "b"], settings={"steps": 500})
+    jid, _ = state.storage.create_job(
+        new_id("job"), stale.model_dump(mode="json"), request_hash(stale), job_items(stale), None
+    )
+    later = client.post("/v1/jobs", json={"identity_ids": [identity["id"]], "prompts": ["c"]}).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{later}").json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, client.get(f"/v1/jobs/{jid}").json()
+        time.sleep(0.1)
+    job = client.get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "failed" and job["failed"] == 2 and "steps: at most 100" in job["error"]
+    items = client.get(f"/v1/jobs/{jid}/results").json()["results"]
+    assert [it["status"] for it in items] == ["failed", "failed"] and "steps" in items[0]["error"]
+
+
+def test_identity_deleted_while_its_request_waits_is_404(client):
+    """The adapter is read from disk when the request reaches the worker; if the identity was deleted meanwhile the
+    request gets 404, not a 500."""
+    import threading
+
+    from service.engine import GenParams
+
+    iid = client.post("/v1/identities", files=photo_files(OBAMA[4:5])).json()["id"]
+    eng = client.app.state.svc.engine
+    eng.forget(iid)  # not cached: the worker will load it from disk
+    busy = eng.submit_generate(None, GenParams(steps=20, width=64, height=64), ["busy"], [0])
+    out = {}
+
+    def post() -> None:
+        out["r"] = client.post("/v1/generations", json={"identity_id": iid, "prompt": "x"})
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 30
+    while eng.queue_depth == 0:  # the request is queued behind the busy one
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.delete(f"/v1/identities/{iid}").status_code == 204
+    busy.result(timeout=120)
+    t.join(timeout=120)
+    assert "deleted" in _err(out["r"], 404, "not_found")["message"]
+
+
+def test_large_photos_are_downscaled_when_decoded(client):
+    state = client.app.state.svc
+    old, state.settings.max_image_side = state.settings.max_image_side, 400
+    try:
+        body = client.post("/v1/identities", files=photo_files([p for p in OBAMA if "1080" in p.name])).json()
+    finally:
+        state.settings.max_image_side = old
+    assert body["photos_used"] == 1, body
+    with Image.open(state.storage.identity_dir(body["id"]) / "photo-0.jpg") as im:
+        assert max(im.size) == 400

@@ -168,3 +168,14 @@ def test_atomic_write_keeps_old_file_on_failure(adapter, good, tmp_path, monkeyp
     monkeypatch.undo()
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors"]  # no temp file left behind
+
+
+def test_written_files_follow_the_umask(adapter, tmp_path):
+    """Adapters get the same permissions as any file the process writes (0666 & ~umask), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        save_adapter(adapter, tmp_path / "a.safetensors")
+        (tmp_path / "plain").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644 == (tmp_path / "plain").stat().st_mode & 0o777
