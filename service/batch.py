@@ -46,8 +46,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompts(path: Path) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path} is not UTF-8 text (byte {e.start})") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first option out of range, as a message (the server's request limits apply offline too)."""
+    import math
+
+    from .settings import PRESET_SIZES, check_device
+
+    top = PRESET_SIZES[args.preset][1]
+    checks = [
+        (args.steps is None or 1 <= args.steps <= 1000, "--steps must be 1..1000"),
+        (args.size is None or (8 <= args.size <= top and args.size % 8 == 0),
+         f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset"),
+        (math.isfinite(args.guidance_scale) and 0 <= args.guidance_scale <= 30, "--guidance-scale must be in 0..30"),
+        (math.isfinite(args.adapter_scale) and -2 <= args.adapter_scale <= 3, "--adapter-scale must be in -2..3"),
+        (1 <= args.num_images <= 64, "--num-images must be 1..64"),
+        (1 <= args.max_photos <= 100, "--max-photos must be 1..100"),
+        (0 <= args.seed < 2**32, "--seed must be in 0..2^32-1"),
+        (0 <= args.threads <= 256, "--threads must be 0..256"),
+        (args.ray_workers >= 1, "--ray-workers must be >= 1"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            return msg
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return f"--device: {e}"
+    return None
 
 
 def _identity_dirs(faces: Path) -> list[Path]:
@@ -163,15 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts_file.is_file():
         print(f"difflora batch: --prompts {prompts_file} is not a file", file=sys.stderr)
         return 2
-    prompts = _read_prompts(prompts_file)
+    bad = _bad_args(args)
+    if bad:
+        print(f"difflora batch: {bad}", file=sys.stderr)
+        return 2
+    if out.exists() and not out.is_dir():
+        print(f"difflora batch: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        prompts = _read_prompts(prompts_file)
+    except ValueError as e:
+        print(f"difflora batch: {e}", file=sys.stderr)
+        return 2
     folders = _identity_dirs(faces)
     if not prompts or not folders:
         print(
             f"difflora batch: need at least one prompt and one identity folder with photos in {faces}", file=sys.stderr
         )
-        return 2
-    if args.num_images < 1 or args.ray_workers < 1:
-        print("difflora batch: --num-images and --ray-workers must be >= 1", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     todo = [str(d) for d in folders if not (out / _safe(d.name) / "identity.json").is_file()]

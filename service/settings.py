@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,27 @@ PRESET_SIZES: dict[str, tuple[int, int, int]] = {
     "sd15": (512, 1024, 30),
     "sdxl": (1024, 1536, 30),
 }
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else ValueError naming what is wrong (before any model is loaded)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown torch device {device!r} (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available to this torch build / machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    elif d.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported (use cpu, cuda or cuda:N, mps)")
+    return device
 
 
 def is_loopback(host: str) -> bool:
@@ -78,6 +99,11 @@ class Settings(BaseSettings):
     max_job_items: int = Field(1000, ge=1)  # identities x prompts per batch job
     default_steps: int | None = Field(None, ge=1)  # default: per preset
     default_size: int | None = Field(None, ge=8)  # default: per preset
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -161,9 +161,15 @@ def canonicalize_lora(adapter: Adapter) -> Adapter:
 def to_lora(adapter: Adapter, rank: int | None = None, base: BaseWeights = None) -> tuple[Adapter, ConversionReport]:
     """Convert any adapter to a plain LoRA of rank ``rank`` (default: the adapter's rank), scale 1 (alpha = rank)."""
     spec = adapter.spec
-    r = int(rank or spec.rank)
+    r = spec.rank if rank is None else int(rank)
     if r < 1:
         raise ValueError(f"rank must be >= 1, got {r}")
+    cap = max((min(lay.d_out, math.prod(lay.shape[1:])) for lay in spec.layers), default=r)
+    if r > cap and r > spec.rank:
+        raise ValueError(
+            f"rank {r} is above the largest rank any layer of this adapter can hold ({cap}); a higher rank would only "
+            "add zero padding"
+        )
     report = ConversionReport(rank=r)
     tensors: dict[str, Tensor] = {}
     if spec.method == "lora":

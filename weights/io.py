@@ -36,7 +36,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise AdapterFileError(f"folder has no {CONFIG_NAME} (not a peft adapter folder)", "format", str(p))
     if not p.exists():
         raise AdapterFileError("no such file", "missing", str(p))
-    header, meta = read_header(p)
+    header, meta = read_header(p, allow_int=True)  # detection reads keys only; loaders check dtypes (LoLDU pivots)
     keys = list(header)
     if SPEC_KEY in meta:
         return "native"

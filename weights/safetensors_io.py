@@ -7,6 +7,7 @@ The header is parsed and checked by hand before safetensors touches the file, so
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -124,21 +125,34 @@ def read_safetensors(
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``. An OSError names
+    ``path`` (or the parent that is in the way), never the temp file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    for parent in (p.parent, *p.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the output folder", str(parent))
+            break
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the output is a folder", str(p))
     # not mkstemp: its 0600 would make these files unlike every other the process writes; 0666 & ~umask instead
     tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(p)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(p)) from None
         raise
 
 

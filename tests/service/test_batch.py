@@ -72,3 +72,50 @@ def test_batch_bad_input(tmp_path, capsys):
     assert main(["--faces", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and "need at least one prompt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--size", "100000"], "--size must be a multiple of 8 in 8..256"),
+        (["--size", "63"], "--size must be a multiple of 8"),
+        (["--steps", "0"], "--steps must be 1..1000"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be in 0..30"),
+        (["--adapter-scale", "inf"], "--adapter-scale must be in -2..3"),
+        (["--num-images", "100000"], "--num-images must be 1..64"),
+        (["--max-photos", "0"], "--max-photos must be 1..100"),
+        (["--seed", "-1"], "--seed must be in 0..2^32-1"),
+        (["--device", "foo"], "--device: unknown torch device 'foo'"),
+    ],
+)
+def test_batch_rejects_bad_options_before_loading_anything(tmp_path, capsys, extra, message):
+    (tmp_path / "p.txt").write_text("a photo of sks person\n")
+    argv = ["--faces", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_bad_prompts_file_and_output(tmp_path, capsys):
+    faces = tmp_path / "faces" / "obama"
+    faces.mkdir(parents=True)
+    (faces / "a.jpg").write_bytes(b"x")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "file").write_text("keep")
+    assert (
+        main(
+            ["--faces", str(tmp_path / "faces"), "--prompts", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert (
+        main(
+            ["--faces", str(tmp_path / "faces"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "file")]
+        )
+        == 2
+    )
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep"

@@ -24,7 +24,8 @@ def test_env_vars(monkeypatch, tmp_path):
     [({"host": "127.0.0.1"}, True), ({"host": "::1"}, True), ({"host": "localhost"}, True),
      ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "api_key": "long-enough-key"}, True),
      ({"host": "0.0.0.0", "allow_insecure_bind": True}, True), ({"api_key": "short"}, False),
-     ({"queue_size": 0}, False), ({"default_steps": 500}, False)],
+     ({"queue_size": 0}, False), ({"default_steps": 500}, False), ({"device": "cpu"}, True),
+     ({"device": "foo"}, False), ({"device": "meta"}, False)],
 )  # fmt: skip
 def test_validation(kw, ok):
     if ok:
@@ -39,6 +40,15 @@ def test_serve_refuses_public_bind_without_key(capsys, monkeypatch):
     assert serve_main(["--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "API key" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_serve_refuses_an_unusable_device_before_listening(capsys):
+    import torch
+
+    bad = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert serve_main(["--device", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("difflora serve: device:") and "CUDA" in err and err.count("\n") == 1
 
 
 def test_serve_exits_when_the_models_cannot_load(tmp_path, capsys):

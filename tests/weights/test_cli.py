@@ -84,3 +84,29 @@ def test_missing_file_and_bad_usage(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["convert", "a", "b", "--to", "onnx"]) == 2  # argparse rejects the format
     assert main([]) == 2
+
+
+@pytest.mark.parametrize(
+    "rank, message",
+    [("0", "rank must be >= 1, got 0"), ("-1", "rank must be >= 1"), ("100000", "largest rank any layer")],
+)
+def test_convert_rejects_useless_ranks(unet, tmp_path, capsys, rank, message):
+    """0 is not "keep the rank" (omit --rank for that); a rank no layer can hold would only zero-pad the file."""
+    src = tmp_path / "s.safetensors"
+    save_adapter(make_adapter(unet, "svfit", 4, targets=["to_q"], seed=2, noise=1.0), src)
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "diffusers", "--rank", rank]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_info_and_convert_read_adapters_with_integer_buffers(unet, tmp_path, capsys):
+    """LoLDU stores its pivots as int64: detection must read the header, the LoRA export still converts."""
+    ad = make_adapter(unet, "loldu", 4, targets=["to_q"], seed=4, noise=1.0)
+    src, out = tmp_path / "loldu.safetensors", tmp_path / "d.safetensors"
+    save_adapter(ad, src)
+    assert main(["info", str(src)]) == 0
+    assert "loldu" in capsys.readouterr().out
+    assert main(["convert", str(src), str(out), "--to", "diffusers"]) == 0
+    back = {lay.name: dW for lay, dW, _ in layer_deltas(load_any(out))}
+    for lay, dW, _ in layer_deltas(ad):
+        torch.testing.assert_close(back[lay.name], dW, rtol=1e-4, atol=1e-5)

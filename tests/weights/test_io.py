@@ -179,3 +179,22 @@ def test_written_files_follow_the_umask(adapter, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_write_errors_name_the_output_not_the_temp_file(adapter, tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    cases = [
+        (tmp_path / "file" / "a.safetensors", NotADirectoryError, str(tmp_path / "file")),
+        (tmp_path, IsADirectoryError, str(tmp_path)),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((tmp_path / "ro" / "a.safetensors", PermissionError, str(tmp_path / "ro" / "a.safetensors")))
+    try:
+        for path, exc, named in cases:
+            with pytest.raises(exc) as ei:
+                save_adapter(adapter, path)
+            assert ei.value.filename == named and ".tmp" not in str(ei.value)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
