@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long to let queued work finish
     # --- request limits ---
     max_photos: int = Field(10, ge=1, le=100)  # photos per identity
+    face_workers: int = Field(1, ge=1, le=64)  # uploads whose photos are decoded and embedded at the same time
+    max_pending_uploads: int = Field(8, ge=1, le=10_000)  # uploads in progress or waiting for a face worker (429)
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # request body cap (413), checked before parsing
     max_image_pixels: int = Field(40_000_000, ge=1)  # per photo, from the header, before decoding
     # photos are downscaled to this longer side as they are decoded (JPEGs decode at reduced size): detection runs

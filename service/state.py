@@ -36,6 +36,8 @@ class ServiceState:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     jobs: Any = None  # JobRunner
+    uploads: int = 0  # identity uploads in progress or waiting for a face worker
+    face_limiter: Any = None  # anyio.CapacityLimiter(settings.face_workers), made on first use (needs a loop)
     on_load_failed: Any = None  # optional callback (difflora serve exits instead of serving a broken model)
 
     def load(self) -> None:

@@ -142,13 +142,22 @@ async def create_identity(
     if len(photos) > s.max_photos:
         msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
         raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])
-    t0 = time.perf_counter()
-    datas = [await f.read() for f in photos]
-    filenames = [_clean_name(f.filename) for f in photos]
-    ident, chips, clean = await anyio.to_thread.run_sync(
-        _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))]
-    )
-    del datas  # the client's bytes are never stored
+    if state.uploads >= s.max_pending_uploads:  # decoded photos are large: bound the uploads held at once
+        msg = f"{state.uploads} photo uploads are already being processed; retry shortly"
+        raise ApiError(429, "queue_full", msg, headers={"Retry-After": "2"})
+    if state.face_limiter is None:
+        state.face_limiter = anyio.CapacityLimiter(s.face_workers)
+    state.uploads += 1
+    try:
+        t0 = time.perf_counter()
+        datas = [await f.read() for f in photos]
+        filenames = [_clean_name(f.filename) for f in photos]
+        ident, chips, clean = await anyio.to_thread.run_sync(
+            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], limiter=state.face_limiter
+        )
+        del datas  # the client's bytes are never stored
+    finally:
+        state.uploads -= 1
     t_faces = time.perf_counter() - t0
     state.metrics.face_seconds.observe(t_faces)
     if not ident.inliers:

@@ -339,3 +339,18 @@ def test_large_photos_are_downscaled_when_decoded(client):
     assert body["photos_used"] == 1, body
     with Image.open(state.storage.identity_dir(body["id"]) / "photo-0.jpg") as im:
         assert max(im.size) == 400
+
+
+def test_uploads_beyond_the_pending_cap_are_429_and_the_count_is_released(client):
+    state = client.app.state.svc
+    state.uploads = state.settings.max_pending_uploads
+    try:
+        r = client.post("/v1/identities", files=photo_files(OBAMA[:1]))
+    finally:
+        state.uploads = 0
+    assert "uploads" in _err(r, 429, "queue_full")["message"] and r.headers["retry-after"] == "2"
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(buf, format="PNG")
+    _err(client.post("/v1/identities", files=[("photos", ("g.png", buf.getvalue(), "image/png"))]), 422)
+    assert client.post("/v1/identities", files=photo_files(OBAMA[:1])).status_code == 201
+    assert state.uploads == 0  # released after a rejected and an accepted upload
