@@ -21,6 +21,7 @@ from torch import Tensor
 
 from weights.safetensors_io import atomic_write_bytes, write_safetensors
 
+from .checks import dumps
 from .config import HypernetConfig
 
 FORMAT_VERSION = 1
@@ -39,18 +40,34 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[s
 
 def save_config(cfg: HypernetConfig, directory: Path, extra: dict[str, Any] | None = None) -> None:
     payload = {"format_version": FORMAT_VERSION, **cfg.to_dict(), **(extra or {})}
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(directory / CONFIG_NAME, dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def load_config(directory: str | Path) -> HypernetConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in hypernet checkpoint directory {str(directory)!r}")
-    d = json.loads(path.read_text())
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object (the hypernet config), got {type(d).__name__}")
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported hypernet checkpoint format_version {version!r}")
-    return HypernetConfig.from_dict({k: d[k] for k in ("autoencoder", "denoiser", "train") if k in d})
+    sections = {k: d[k] for k in ("autoencoder", "denoiser", "train") if k in d}
+    try:
+        return HypernetConfig.from_dict(sections)
+    except (ValueError, TypeError) as e:  # TypeError: an unknown field, or a section that is not an object
+        raise ValueError(f"{path}: invalid hypernet config ({e})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint JSON file's content; a ValueError naming the file if it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def state_to_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:

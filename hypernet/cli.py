@@ -7,10 +7,10 @@ dataset, a demo); ``eval`` writes the evaluation table; ``predict`` turns photos
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from .checks import dumps, finite, positive, resolve_device, seed, writable_dir, writable_file
 from .config import PRESETS, get_preset
 
 
@@ -83,9 +83,15 @@ def _parser() -> argparse.ArgumentParser:
 def _numbers(text: str, flag: str, kind: type = float) -> tuple:
     """A comma-separated option value ("1,2,4") as a tuple of ``kind``; a clear error naming the flag."""
     try:
-        return tuple(kind(x) for x in text.split(",") if x.strip())
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    for v in values:
+        if kind is float:
+            finite(v, flag)
+        else:
+            positive(v, flag)
+    return values
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -96,6 +102,9 @@ def _tune(args: argparse.Namespace) -> int:
     steps = _numbers(args.steps, "--steps", int)
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    positive(args.seeds, "--seeds")
+    finite(args.max_no_face_increase, "--max-no-face-increase", lo=0.0)
+    writable_dir(args.checkpoint, "--checkpoint (tune writes its choice into it)")
     res = tune_sampling(
         args.dataset, args.checkpoint, cfg_scales=scales, samples=samples, sample_steps=steps,
         limit=args.limit or None, seeds=args.seeds, max_no_face_increase=args.max_no_face_increase, progress=True,
@@ -114,30 +123,49 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_dataset(args: argparse.Namespace) -> int:
-    from .fit import train_on_dataset
+def _train_overrides(args: argparse.Namespace, settings: list[str]) -> dict:
+    """The train-section overrides of the options, after checking every option that a run would only use (and
+    fail on) after minutes of work: seed, device, --out, --set values and the overridden fields."""
+    from dataclasses import replace
 
+    seed(args.seed)
+    finite(args.min_gain, "--min-gain")
+    positive(args.token_dim, "--token-dim")
+    resolve_device(args.device)
+    writable_dir(args.out, "--out")
     overrides = {"seed": args.seed}
     for key in ("ae_steps", "dn_steps", "batch_size", "amp"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    cfg = get_preset(args.preset).with_overrides(settings)  # type-checks the --set values
+    replace(cfg.train, **overrides)  # checks the overridden fields
+    return overrides
+
+
+def _train_dataset(args: argparse.Namespace) -> int:
+    from .fit import train_on_dataset
+
+    overrides = _train_overrides(args, args.settings)
     res = train_on_dataset(
         args.dataset, args.out, preset=args.preset, token_dim=args.token_dim, overrides=overrides,
         min_gain=args.min_gain, canonicalize=args.canonicalize, settings=args.settings, device=args.device,
         resume=not args.no_resume, progress=not args.no_progress,
     )  # fmt: skip
-    print(json.dumps(res, indent=2, sort_keys=True))
+    print(dumps(res, indent=2, sort_keys=True))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_config
     from .evaluate import EvalConfig, evaluate, write_results
 
-    steps = args.sample_steps or load_config(args.checkpoint).train.sample_steps
+    for flag in ("seeds", "limit", "sample_steps", "samples", "mlp_epochs"):
+        positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    finite(args.cfg_scale, "--cfg-scale")
+    writable_file(args.out, "--out")  # now, not after the evaluation
     cfg = EvalConfig(
-        seeds=args.seeds, limit=args.limit, sample_steps=steps, cfg_scale=args.cfg_scale, mlp_epochs=args.mlp_epochs,
-        split=args.split, samples=args.samples, baselines=tuple(b for b in args.baselines.split(",") if b),
+        seeds=args.seeds, limit=args.limit, sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
+        mlp_epochs=args.mlp_epochs, split=args.split, samples=args.samples,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
         mlp_scales=_numbers(args.mlp_scales, "--mlp-scales"), progress=True,
     )  # fmt: skip
     res = evaluate(args.dataset, args.checkpoint, cfg)
@@ -171,17 +199,18 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .baselines import MeanAdapter, MLPConfig, NearestNeighbour, RegressionMLP
+    from .checkpoint import atomic_write_text
     from .metrics import summarize, weight_metrics
     from .sample import Hypernet
     from .synthetic import SyntheticConfig, make_synthetic
     from .train import train
 
+    if args.num_identities < 3:
+        raise ValueError(f"--num-identities must be >= 3 (train, val and test identities), got {args.num_identities}")
+    positive(args.mlp_steps, "--mlp-steps")
     demo = SYNTHETIC_DEMO_SETTINGS if args.preset == "tiny" else []
+    overrides = _train_overrides(args, [*demo, *args.settings])
     cfg = get_preset(args.preset).with_overrides([*demo, *args.settings])
-    overrides = {"seed": args.seed}
-    for key in ("ae_steps", "dn_steps", "batch_size", "amp"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
     cfg = replace(cfg, train=replace(cfg.train, **overrides))
     data = make_synthetic(SyntheticConfig(num_identities=args.num_identities, seed=args.seed))
     rest, test = data.split(args.test_fraction, seed=args.seed)
@@ -204,7 +233,7 @@ def _train(args: argparse.Namespace) -> int:
     }
     preds |= {name: b.fit(train_set).predict(test.cond) for name, b in baselines.items()}
     table = {name: summarize(weight_metrics(p, test.tokens, test.mask, mean)) for name, p in preds.items()}
-    (args.out / "synthetic_eval.json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(args.out / "synthetic_eval.json", dumps(table, indent=2, sort_keys=True) + "\n")
     print(f"{'model':<10} {'cosine':>8} {'centered':>9} {'rel_mse':>8}")
     for name, s in table.items():
         print(f"{name:<10} {s['cosine']:8.4f} {s['centered_cosine']:9.4f} {s['rel_mse']:8.4f}")
@@ -223,10 +252,45 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "tune":
             return _tune(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file or folder that cannot be read or written
         print(f"difflora hypernet {args.command}: {e}", file=sys.stderr)
         return 2
     return 2
+
+
+def _check_export(spec, fmt: str, rank: int | None) -> None:
+    """Refuse, before predicting, a format/rank whose conversion needs the base model's weights (predict loads
+    none), saying which of predict's options work instead."""
+    from weights.convert import needs_base
+    from weights.methods import get_method
+
+    if fmt == "native" or not needs_base(get_method(spec.method)):
+        return
+    if spec.method == "dora" and fmt in ("diffusers", "peft") and rank in (None, spec.rank):
+        return  # written as DoRA (magnitude vector), no conversion
+    what = f"{fmt} LoRA" + ("" if rank is None else f" of rank {rank}")
+    works = "--format native"
+    if spec.method == "dora":
+        works = f"--format diffusers or peft without --rank (written as DoRA, rank {spec.rank}), or {works}"
+    raise ValueError(
+        f"this checkpoint predicts {spec.method} adapters, whose conversion to {what} needs the base model's "
+        f"weights, which predict does not load: use {works} (then `difflora adapter convert FILE OUT --to {fmt} "
+        "--base UNET_DIR` converts it)"
+    )
+
+
+def _photo_warnings(ident: dict) -> list[str]:
+    """One line per photo that was skipped or left out, and one if the photos may show different people."""
+    out = [
+        f"skipped {f['error'] if f['name'] in f['error'] else f['name'] + ': ' + f['error']}" for f in ident["failed"]
+    ]
+    out += [f"left out {o['name']}: {o['reason']}" for o in ident["outliers"]]
+    if not ident["consistent"] and not ident["outliers"] and len(ident["inliers"]) > 1:
+        out.append(
+            f"the photos may not show one person ({'; '.join(ident['warnings'])}): the adapter blends all "
+            f"{len(ident['inliers'])} of them; pass photos of one person only"
+        )
+    return out
 
 
 def predict_main(argv: list[str] | None = None) -> int:
@@ -236,9 +300,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format peft)")
     p.add_argument("--format", default="diffusers", choices=("diffusers", "kohya", "peft", "native"))
     p.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parents[1] / "assets/tiny/hypernet")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="hypernet DDIM steps")
-    p.add_argument("--rank", type=int, default=None, help="rank of the exported LoRA (non-LoRA methods)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, 0 .. 2**63-1")
+    p.add_argument("--steps", type=int, default=None, help="hypernet DDIM steps (default: the checkpoint's)")
+    p.add_argument(
+        "--rank", type=int, default=None, help="rank of the exported LoRA, >= 1 (default: the adapter's own)"
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -246,12 +312,22 @@ def predict_main(argv: list[str] | None = None) -> int:
     from .predict import Predictor
 
     try:
+        seed(args.seed)
+        positive(args.steps, "--steps")
+        if args.rank is not None and args.rank < 1:
+            raise ValueError(f"--rank must be >= 1, got {args.rank} (leave it out to keep the adapter's rank)")
+        if args.rank is not None and args.format == "native":
+            raise ValueError("--rank applies to the LoRA formats (diffusers, kohya, peft), not to --format native")
+        (writable_dir if args.format == "peft" else writable_file)(args.out, "--out")
         predictor = Predictor.load(args.checkpoint)
+        _check_export(predictor.spec, args.format, args.rank)
         adapter, ident = predictor.predict_photos([str(x) for x in args.photos], seed=args.seed, steps=args.steps)
+        for line in _photo_warnings(ident):
+            print(f"difflora predict: warning: {line}", file=sys.stderr)
         from weights.io import save_adapter
 
         save_adapter(adapter, args.out, format=args.format, rank=args.rank)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"difflora predict: {e}", file=sys.stderr)
         return 2
     left = [o["name"] for o in ident["outliers"]] + [f["name"] for f in ident["failed"]]

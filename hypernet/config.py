@@ -6,8 +6,10 @@ dataset by :meth:`HypernetConfig.for_data`; presets only fix the model and train
 
 from __future__ import annotations
 
+import math
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 SCHEDULES = ("cosine", "linear")
@@ -143,9 +145,9 @@ class HypernetConfig:
         if unknown:
             raise ValueError(f"unknown hypernet config sections: {sorted(unknown)}")
         return cls(
-            autoencoder=AutoencoderConfig(**d.get("autoencoder", {})),
-            denoiser=DenoiserConfig(**d.get("denoiser", {})),
-            train=TrainConfig(**d.get("train", {})),
+            autoencoder=AutoencoderConfig(**_checked(AutoencoderConfig, "autoencoder", d.get("autoencoder", {}))),
+            denoiser=DenoiserConfig(**_checked(DenoiserConfig, "denoiser", d.get("denoiser", {}))),
+            train=TrainConfig(**_checked(TrainConfig, "train", d.get("train", {}))),
         )
 
     def with_overrides(self, items: list[str] | dict[str, Any]) -> HypernetConfig:
@@ -176,6 +178,37 @@ def _split_override(item: str) -> tuple[str, Any]:
         return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
         return key.strip(), raw
+
+
+def _checked(cls: type, section: str, values: Any) -> dict[str, Any]:
+    """``values`` of one config section, each checked against its field's type (finite numbers for floats)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"hypernet config section {section!r} must be an object, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown hypernet setting(s) {', '.join(f'{section}.{k}' for k in unknown)}")
+    for name, value in values.items():
+        _check_type(f"{section}.{name}", hints[name], value)
+    return values
+
+
+def _check_type(key: str, hint: Any, value: Any) -> None:
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ValueError(f"{key} must be a list of {len(items)} values, got {value!r}")
+        for i, (h, v) in enumerate(zip(items, value, strict=True)):
+            _check_type(f"{key}[{i}]", h, v)
 
 
 def _check_heads(hidden: int, heads: int, where: str) -> None:

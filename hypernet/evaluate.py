@@ -21,7 +21,6 @@ trained adapter). Metrics per identity, averaged with bootstrap intervals over i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +33,8 @@ from pipeline_data.check import bootstrap_ci, generate, generate_with
 from weights.adapter import Adapter
 from weights.apply import apply_adapter, restore
 from weights.methods import get_method, method_config
+
+from .checks import dumps, finite, positive
 
 CANDIDATES = ("base", "mean", "nearest", "mlp", "autoencoder", "hypernet", "oracle")
 OPTIONAL = ("mean", "nearest", "mlp", "autoencoder")  # candidates chosen with ``EvalConfig.baselines``
@@ -64,6 +65,16 @@ class EvalConfig:
             raise ValueError(f"split must be 'eval' or 'val', got {self.split!r}")
         self.variants = tuple((float(c), int(n), int(k)) for c, n, k in self.variants)  # JSON gives lists
         self.mlp_scales = tuple(float(x) for x in self.mlp_scales)
+        for name in ("seeds", "gen_steps", "sample_steps", "limit", "mlp_epochs", "samples"):
+            positive(getattr(self, name), name)
+        finite(self.cfg_scale, "cfg_scale")
+        finite(self.guidance, "guidance")
+        for c, n, k in self.variants:
+            finite(c, "variant cfg_scale")
+            positive(n, "variant samples")
+            positive(k, "variant sample_steps")
+        for x in self.mlp_scales:
+            finite(x, "mlp scale")
         unknown = set(self.baselines) - set(OPTIONAL)
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(OPTIONAL)}")
@@ -369,7 +380,7 @@ def write_results(res: dict, out_file: str | Path) -> None:
     from weights.safetensors_io import atomic_write_bytes
 
     out = Path(out_file)
-    atomic_write_bytes(out, (json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out, (dumps(res, indent=2, sort_keys=True) + "\n").encode())
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .adapter_data import load_adapter_dataset
+from .checks import dumps
 from .config import HypernetConfig, get_preset
 from .predict import RECIPE_NAME, save_adapter_meta
 
@@ -58,7 +58,7 @@ def train_on_dataset(
     from weights.safetensors_io import atomic_write_bytes
 
     flags = recipe_flags(ds.recipe)
-    atomic_write_bytes(out / RECIPE_NAME, (json.dumps(flags, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / RECIPE_NAME, (dumps(flags, indent=2, sort_keys=True) + "\n").encode())
     return {
         "train_identities": len(train_set),
         "val_identities": 0 if val_set is None else len(val_set),

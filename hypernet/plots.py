@@ -28,11 +28,11 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
     recs = [json.loads(ln) for ln in Path(jsonl).read_text().splitlines() if ln.strip()]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.5))
     for ax, (title, stage, key, val_keys) in zip(axes, PANELS, strict=True):
-        tr = [(r["step"], r[key]) for r in recs if r.get("stage") == stage and key in r]
+        tr = [(r["step"], r[key]) for r in recs if r.get("stage") == stage and r.get(key) is not None]
         if tr:
             ax.plot(*zip(*tr, strict=True), label=f"train {key}", lw=1)
         for vk in val_keys:
-            va = [(r["step"], r[vk]) for r in recs if vk in r]
+            va = [(r["step"], r[vk]) for r in recs if r.get(vk) is not None]  # null: a non-finite value
             if va:
                 ax.plot(*zip(*va, strict=True), "o-", label=vk, ms=3)
         ax.set_title(title)

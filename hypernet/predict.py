@@ -13,7 +13,6 @@ No optimiser or training imports here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,11 +38,40 @@ def save_adapter_meta(
     from weights.formats.native import save_native
     from weights.safetensors_io import atomic_write_bytes
 
+    from .checks import dumps
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     meta = {"spec": spec.to_dict(), "layout": layout.to_dict(), "face_backend": face_backend}
-    atomic_write_bytes(d / LAYOUT_NAME, json.dumps(meta, sort_keys=True).encode())
+    atomic_write_bytes(d / LAYOUT_NAME, dumps(meta, sort_keys=True).encode())
     save_native(template, d / TEMPLATE_NAME)
+
+
+def read_adapter_meta(path: Path) -> tuple[AdapterSpec, TokenLayout, str]:
+    """(spec, token layout, face backend) of an ``adapter_layout.json``; a ValueError naming the file if it is
+    not what :func:`save_adapter_meta` writes."""
+    from .checkpoint import read_json
+
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not {"spec", "layout"} <= set(meta):
+        got = f"keys {sorted(meta)}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{path}: expected an object with 'spec' and 'layout', got {got}")
+    backend = meta.get("face_backend", "dlib")
+    if not isinstance(backend, str):
+        raise ValueError(f"{path}: face_backend must be a string, got {backend!r}")
+    try:
+        return AdapterSpec.from_dict(meta["spec"]), TokenLayout.from_dict(meta["layout"]), backend
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: invalid adapter layout ({type(e).__name__}: {e})") from None
+
+
+def _failures(ident) -> list[str]:
+    """``name: why`` of every photo that gave no face embedding (the error names the file already, or not)."""
+    out = []
+    for p in ident.photos:
+        if not p.ok:
+            out.append(p.error if p.error and p.name in p.error else f"{p.name}: {p.error}")
+    return out
 
 
 class Predictor:
@@ -88,13 +116,14 @@ class Predictor:
         for name in ("config.json", LAYOUT_NAME, TEMPLATE_NAME):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d} is not a hypernetwork checkpoint: {name} is missing")
-        meta = json.loads((d / LAYOUT_NAME).read_text())
-        spec = AdapterSpec.from_dict(meta["spec"])
-        layout = TokenLayout.from_dict(meta["layout"])
+        spec, layout, backend = read_adapter_meta(d / LAYOUT_NAME)
         template = load_native(d / TEMPLATE_NAME)
         template = Adapter(spec, template.tensors)
-        backend = meta.get("face_backend", "dlib")
-        return cls(Hypernet.load(d, device), layout, spec, template, face_backend=backend, **kw)
+        hypernet = Hypernet.load(d, device)
+        try:
+            return cls(hypernet, layout, spec, template, face_backend=backend, **kw)
+        except ValueError as e:  # the layout does not fit the spec or the hypernet's token shape
+            raise ValueError(f"{d / LAYOUT_NAME}: {e}") from None
 
     @classmethod
     def untrained(
@@ -163,7 +192,8 @@ class Predictor:
         """One adapter per identity (each a (P_i, E) array of its photos' embeddings), sampled as one batch."""
         conds = [self._cond(e) for e in identities]
         toks = self.hypernet.predict_tokens(
-            conds, steps=steps or self.steps, cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, seed=seed,
+            conds, steps=self.steps if steps is None else steps, seed=seed,
+            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
             samples=self.samples if samples is None else samples,
         )  # (B, T, D)  # fmt: skip
         return [tokens_to_adapter(t, self.layout, self.spec, self.template) for t in toks]
@@ -180,6 +210,6 @@ class Predictor:
         encoder = encoder or get_encoder(self.face_backend)
         ident = build_identity(encoder, list(photos))
         if ident.embedding is None:
-            raise ValueError("no usable face in the photos")
+            raise ValueError(f"no usable face in the photos ({'; '.join(_failures(ident))})")
         embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
         return self.predict(embs, **kw), ident.to_dict(embedding=False)

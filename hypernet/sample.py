@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from .checkpoint import EMA_NAME, MODEL_NAME, load_config, load_state
+from .checks import finite
+from .checks import seed as check_seed
 from .config import HypernetConfig
 from .data import pad_conditions
 from .model import HypernetModel
@@ -30,8 +32,13 @@ class Hypernet:
         path = Path(path)
         cfg = load_config(path)
         model = HypernetModel(cfg)
-        state = load_state(path / (EMA_NAME if use_ema else MODEL_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        weights = path / (EMA_NAME if use_ema else MODEL_NAME)
+        state = load_state(weights)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches: torch lists every tensor on its own line; name the first
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise ValueError(f"{weights}: does not match config.json ({(lines[1:] or lines)[0]})") from None
         if missing or unexpected:
             raise ValueError(
                 f"{path}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})"
@@ -98,6 +105,10 @@ class Hypernet:
             raise ValueError("no condition sets given")
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        if steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {steps}")
+        finite(cfg_scale, "cfg_scale")
+        check_seed(seed, "seed")
         out = []
         for i in range(0, len(cond_embeddings), batch_size):
             acc = None

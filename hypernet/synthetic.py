@@ -36,6 +36,14 @@ class SyntheticConfig:
     photo_noise: float = 0.5  # per-photo embedding noise, relative to the projected identity
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("num_identities", "num_layers", "dim", "rank", "token_dim", "latent_dim", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"synthetic {name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.min_photos <= self.max_photos:
+            raise ValueError(f"synthetic photos need 1 <= min_photos <= max_photos, got {self.min_photos}, "
+                             f"{self.max_photos}")  # fmt: skip
+
 
 def _chunk(v: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """(n,) -> zero-padded chunks (ceil(n/size), size) and their mask."""

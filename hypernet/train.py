@@ -37,6 +37,7 @@ from .checkpoint import (
     save_config,
     state_to_tensors,
 )
+from .checks import dumps, resolve_device
 from .config import HypernetConfig
 from .data import HypernetDataset, fit_token_stats, mean_embedding, pad_conditions, sample_condition_subsets
 from .linear_autoencoder import LinearAutoencoder
@@ -49,12 +50,6 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -261,7 +256,7 @@ class Trainer:
             "step": self.step, "stage": self.stage, "ae_done": self.ae_done, "data": self.data_fingerprint,
             "ae_fit": self.ae_fit,
         }  # fmt: skip
-        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
+        atomic_write_text(tmp / STATE_NAME, dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         atomic_write_text(ckpts / "latest", final.name + "\n")
@@ -316,7 +311,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / METRICS_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
     def run(self, stop_after: int | None = None) -> dict[str, float]:
         """Train up to ``cfg.train.total_steps`` (or ``stop_after`` steps, to simulate an interruption).
@@ -352,7 +347,7 @@ class Trainer:
         self._log({"step": self.step, "stage": "final", **final})
         self.save_checkpoint()
         self.export(self.out)
-        atomic_write_text(self.out / "summary.json", json.dumps(final, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.out / "summary.json", dumps(final, indent=2, sort_keys=True) + "\n")
         plot_metrics(self.out / METRICS_NAME, self.out / "metrics.png")
         return final
 

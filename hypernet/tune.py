@@ -9,12 +9,12 @@ untouched) in one pass (base and oracle generated once); the best is written int
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CONFIG_NAME, atomic_write_text, load_config, save_config
+from .checkpoint import CONFIG_NAME, atomic_write_text, load_config, read_json, save_config
+from .checks import dumps, finite, positive, writable_dir
 from .evaluate import EvalConfig, evaluate, variant_name
 
 TUNING_NAME = "tuning.json"
@@ -57,6 +57,13 @@ def tune_sampling(
         raise ValueError("give at least one CFG scale, one sample count and one step count")
     if min(samples) < 1 or min(sample_steps) < 1:
         raise ValueError("sample counts and step counts must be >= 1")
+    for c in cfg_scales:
+        finite(c, "CFG scale")
+    positive(seeds, "seeds")
+    finite(max_no_face_increase, "max_no_face_increase", lo=0.0)
+    if write:  # the choice goes into the checkpoint: find out now, not after the evaluation
+        load_config(checkpoint_dir)
+        writable_dir(checkpoint_dir, "checkpoint")
     pairs = [(float(c), int(n), int(k)) for c, n, k in itertools.product(cfg_scales, samples, sample_steps)]
     # one pass: base, oracle and every variant on the same identities and seeds (base/oracle generated once)
     ecfg = EvalConfig(
@@ -91,7 +98,7 @@ def tune_sampling(
         cfg = load_config(d)
         tc = replace(cfg.train, cfg_scale=best["cfg_scale"], sample_count=best["samples"])
         cfg = replace(cfg, train=replace(tc, sample_steps=best["sample_steps"]))
-        old = json.loads((d / CONFIG_NAME).read_text())
+        old = read_json(d / CONFIG_NAME)
         save_config(cfg, d, {k: v for k, v in old.items() if k not in (*cfg.to_dict(), "format_version")})
-        atomic_write_text(d / TUNING_NAME, json.dumps(out, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(d / TUNING_NAME, dumps(out, indent=2, sort_keys=True) + "\n")
     return out

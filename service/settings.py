@@ -25,24 +25,11 @@ PRESET_SIZES: dict[str, tuple[int, int, int]] = {
 
 
 def check_device(device: str) -> str:
-    """``device`` if torch can use it here, else ValueError naming what is wrong (before any model is loaded)."""
-    import torch
+    """``device`` as a torch device string that exists here (``auto``: CUDA when available, else CPU), else a
+    ValueError naming what is wrong, before any model is loaded."""
+    from hypernet.checks import resolve_device
 
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown torch device {device!r} (use cpu, cuda or cuda:N)") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available to this torch build / machine")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif d.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r}: MPS is not available on this machine")
-    elif d.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported (use cpu, cuda or cuda:N, mps)")
-    return device
+    return str(resolve_device(device))
 
 
 def is_loopback(host: str) -> bool:
@@ -67,7 +54,7 @@ class Settings(BaseSettings):
     untrained_hypernet: bool = False  # use a fresh, untrained hypernet (adapters are no-ops): development only
     face_backend: Literal["dlib", "insightface"] = "dlib"  # face encoder backend
     face_model_dir: str | None = None  # insightface model pack directory
-    device: str = "cpu"  # torch device of the model worker ("cpu", "cuda", "cuda:1")
+    device: str = "cpu"  # torch device of the model worker ("cpu", "cuda", "cuda:1", "auto": CUDA if available)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     threads: int = Field(0, ge=0, le=256)  # torch CPU threads of the worker (0: torch's default)
     warmup: bool = True  # run one generation before reporting ready

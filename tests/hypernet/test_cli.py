@@ -56,3 +56,19 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "batch_size" in err and "Traceback" not in err
+
+
+def test_synthetic_eval_json_is_replaced_atomically(tmp_path, capsys):
+    """The table replaces an earlier one in one step (temp file + rename): a reader of the old file never sees a
+    truncated or half-written one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "synthetic_eval.json").write_text('{"old": true}\n')
+    with open(out / "synthetic_eval.json") as old:
+        argv = ["train", "--synthetic", "--out", str(out), "--ae-steps", "2", "--dn-steps", "2", "--batch-size", "8",
+                "--num-identities", "20", "--mlp-steps", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+        assert old.read() == '{"old": true}\n'  # the old file was replaced, not rewritten in place
+    table = json.loads((out / "synthetic_eval.json").read_text())
+    assert set(table) == {"hypernet", "mean", "nearest", "mlp"}
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -86,3 +86,20 @@ def test_bad_embeddings_are_refused(pipe, emb, match: str) -> None:
 def test_missing_checkpoint_files_name_the_directory(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="is not a hypernetwork checkpoint"):
         Predictor.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"steps": 0}, "sampling steps must be >= 1, got 0"),  # was: silently the checkpoint's steps
+        ({"steps": -2}, "sampling steps must be >= 1"),
+        ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
+        ({"seed": -1}, "seed must be in 0 .. "),
+        ({"seed": 2**70}, "seed must be in 0 .. "),
+        ({"samples": 0}, "samples must be >= 1"),
+    ],
+)
+def test_predictor_refuses_bad_sampling_options(pipe, kw, message) -> None:
+    p = Predictor.untrained(pipe, BuildConfig(targets=["to_q"]))
+    with pytest.raises(ValueError, match=message):
+        p.predict(np.zeros((1, 128), np.float32) + 0.1, **kw)

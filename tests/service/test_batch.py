@@ -85,7 +85,7 @@ def test_batch_bad_input(tmp_path, capsys):
         (["--num-images", "100000"], "--num-images must be 1..64"),
         (["--max-photos", "0"], "--max-photos must be 1..100"),
         (["--seed", "-1"], "--seed must be in 0..2^32-1"),
-        (["--device", "foo"], "--device: unknown torch device 'foo'"),
+        (["--device", "foo"], "--device: unknown device 'foo'"),
     ],
 )
 def test_batch_rejects_bad_options_before_loading_anything(tmp_path, capsys, extra, message):
