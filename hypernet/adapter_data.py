@@ -51,7 +51,13 @@ def read_manifest(directory: str | Path) -> list[dict]:
     path = Path(directory) / "manifest.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an adapter dataset: manifest.jsonl is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from pipeline_data.build import record_source
+
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in recs:  # photo folders: older datasets store them relative to the build's working directory
+        if r.get("source"):
+            r["source"] = str(record_source(r, directory))
+    return recs
 
 
 def load_adapter_dataset(

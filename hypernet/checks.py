@@ -44,14 +44,19 @@ def seed(value: int, flag: str = "--seed") -> int:
     return value
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU) or a torch device string that exists on this machine."""
+def resolve_device(device: str, available: bool = True) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a torch device string that exists on this machine
+    (``available=False``: only a device torch and this project support, wherever it is, e.g. a deploy config)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if not available:
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+        return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available to this torch install; use --device cpu")

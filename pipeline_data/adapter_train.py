@@ -126,18 +126,18 @@ def train_identity(
         unet_conditioning(pipe, cfg.class_prompt, cfg.batch_size, height, width) if prior is not None else None
     )
 
-    spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
-    params = trainable_parameters(unet)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
     lr_at = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
     losses: list[float] = []
     step_seconds: list[float] = []
     was_training = unet.training
-    unet.train()
-    try:
+    spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
+    try:  # from here on the adapter is removed whatever happens: the UNet is shared by every later identity
         from tqdm.auto import tqdm
 
+        params = trainable_parameters(unet)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        unet.train()
         for step in tqdm(range(cfg.steps), disable=not progress, desc="adapter", leave=False):
             t_step = time.perf_counter()
             for group in opt.param_groups:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
     found: dict[str, IdentitySource] = {}
 
     def add(d: Path, dataset: str) -> None:
-        src = IdentitySource(dataset, d.name, str(d))
+        src = IdentitySource(dataset, d.name, os.path.abspath(d))  # records name photos from any directory
         found.setdefault(src.id, src)
 
     def subdirs(d: Path) -> list[Path]:
@@ -106,7 +107,7 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
     from .tiny.crops import aligned_crop
 
     paths = _images_in(Path(src.path))[: cfg.max_photos]
-    rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": src.path}
+    rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": os.path.abspath(src.path)}
     rec["split"] = split_of(src.dataset, src.name)
     if len(paths) < cfg.min_photos:
         return {**rec, "status": "skipped", "reason": f"{len(paths)} photos < min_photos {cfg.min_photos}"}
@@ -218,6 +219,19 @@ def read_records(out: Path) -> dict[str, dict]:
     return recs
 
 
+def record_source(rec: dict, dataset_dir: str | Path) -> Path:
+    """The identity folder of a record. Records store an absolute path; older ones a path relative to the build's
+    working directory, which is looked for in the current directory, then in the dataset folder and its parents."""
+    src = Path(rec["source"]).expanduser()
+    if src.is_absolute():
+        return src
+    d = Path(dataset_dir).expanduser().absolute()
+    for base in (Path.cwd(), d, *d.parents):
+        if (base / src).is_dir():
+            return Path(os.path.normpath(base / src))
+    return Path(os.path.normpath(Path.cwd() / src))
+
+
 def write_manifest(out: Path) -> int:
     recs = read_records(out)
     lines = [json.dumps(recs[k], sort_keys=True) for k in sorted(recs)]
@@ -248,13 +262,26 @@ def build(
     """Build (or resume) the dataset; returns a summary with counts, failures and seconds per identity."""
     from tqdm.auto import tqdm
 
+    from .validate import validate_recipe
+
+    validate_recipe(cfg)  # one clear error before anything is written or processed, not one per identity
+    sources = discover(faces_dirs)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        sources = sources[:limit]
+    if not sources:
+        raise ValueError(f"no identity folders with photos found in {', '.join(map(str, faces_dirs))}")
+    if ray_address:
+        from .ray_build import connect
+
+        connect(ray_address)
+    else:
+        _worker_state(cfg)  # load the base model now: a model that cannot load is one error, not one per identity
     out = Path(out_dir)
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     (out / "records").mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg)
-    sources = discover(faces_dirs)
-    if limit is not None:
-        sources = sources[:limit]
     done = read_records(out)
     todo = [s for s in sources if s.id not in done or not _complete(out, done[s.id])]
     failures: dict[str, str] = {}

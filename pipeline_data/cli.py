@@ -15,47 +15,53 @@ def _targets(s: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from weights.methods import METHODS
+
+    from .cliargs import OneLineParser, nonnegative_float, nonnegative_int, positive_float, positive_int
+
     d = BuildConfig()
-    p = argparse.ArgumentParser(prog="difflora data", description="Build and check the per-identity adapter dataset.")
+    p = OneLineParser(prog="difflora data", description="Build and check the per-identity adapter dataset.")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train one adapter per identity folder")
     b.add_argument("--faces", nargs="+", required=True, help="identity folders, or folders of them (dataset/identity)")
     b.add_argument("--out", required=True, help="output dataset directory (resumes if it exists)")
     b.add_argument("--base", default=d.base, help="base model preset (tiny|sd15|sdxl) or a diffusers folder")
-    from weights.methods import METHODS
-
     b.add_argument("--method", default=d.method, choices=sorted(METHODS))
-    b.add_argument("--rank", type=int, default=d.rank)
-    b.add_argument("--alpha", type=float, default=None)
+    b.add_argument("--rank", type=positive_int, default=d.rank)
+    b.add_argument("--alpha", type=positive_float, default=None, help="adapter alpha (default: the rank)")
     b.add_argument("--method-params", default="{}", help="JSON object of method hyper-parameters")
     b.add_argument("--targets", default="full", help="'full', 'attn' or comma-separated module patterns")
-    b.add_argument("--steps", type=int, default=d.steps)
-    b.add_argument("--lr", type=float, default=d.lr)
-    b.add_argument("--batch-size", type=int, default=d.batch_size)
+    b.add_argument("--steps", type=positive_int, default=d.steps)
+    b.add_argument("--lr", type=positive_float, default=d.lr)
+    b.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--caption", default=d.caption)
-    b.add_argument("--prior-weight", type=float, default=d.prior_weight)
-    b.add_argument("--min-photos", type=int, default=d.min_photos)
-    b.add_argument("--max-photos", type=int, default=d.max_photos)
+    b.add_argument("--prior-weight", type=nonnegative_float, default=d.prior_weight)
+    b.add_argument("--min-photos", type=positive_int, default=d.min_photos)
+    b.add_argument("--max-photos", type=positive_int, default=d.max_photos)
     b.add_argument("--face-backend", default=d.face_backend, choices=["dlib", "insightface"])
     b.add_argument("--device", default=d.device)
-    b.add_argument("--threads", type=int, default=d.threads)
-    b.add_argument("--limit", type=int, default=None, help="only the first N identity folders (sorted)")
+    b.add_argument("--threads", type=nonnegative_int, default=d.threads, help="torch threads (0: torch's default)")
+    b.add_argument("--limit", type=positive_int, default=None, help="only the first N identity folders (sorted)")
     b.add_argument("--ray-address", default=None, help="fan out on Ray: local | auto | HOST:PORT")
-    b.add_argument("--check-identities", type=int, default=d.check_identities, help="identity check sample (0: skip)")
+    b.add_argument(
+        "--check-identities", type=nonnegative_int, default=d.check_identities, help="identity check sample (0: skip)"
+    )
     b.add_argument(
         "--summary", default=None, help="also write the summary JSON here (e.g. bench/results/dataset.json)"
     )
     c = sub.add_parser("check", help="identity check: do adapters' generations resemble their held-out photos?")
     c.add_argument("dir", help="dataset directory")
-    c.add_argument("--limit", type=int, default=None, help="identities sampled (default: the build's setting)")
-    c.add_argument("--seeds", type=int, default=None, help="generations per adapter")
+    c.add_argument(
+        "--limit", type=positive_int, default=None, help="identities sampled (default: the build's setting)"
+    )
+    c.add_argument("--seeds", type=positive_int, default=None, help="generations per adapter")
     c.add_argument("--summary", default=None, help="also write the summary JSON here")
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"difflora data: {msg}", file=sys.stderr)
+def _fail(msg: str, cmd: str = "") -> int:
+    print(f"difflora data{' ' + cmd if cmd else ''}: {msg}", file=sys.stderr)
     return 2
 
 
@@ -86,7 +92,12 @@ def _summary(out: Path, build_summary: dict | None, check: dict | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Entry point of ``difflora data``; returns the exit status (2: bad arguments, 1: some identities failed)."""
+    from .cliargs import parse_args
+
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
     from weights.safetensors_io import atomic_write_bytes
 
     from .build import build, run_check
@@ -96,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 params = json.loads(args.method_params)
             except json.JSONDecodeError as e:
-                return _fail(f"--method-params is not JSON: {e}")
+                return _fail(f"--method-params is not JSON: {e}", args.cmd)
+            if not isinstance(params, dict):
+                return _fail(f"--method-params must be a JSON object, got {args.method_params}", args.cmd)
             cfg = BuildConfig(
                 base=args.base, method=args.method, rank=args.rank, alpha=args.alpha, method_params=params,
                 targets=_targets(args.targets), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -118,17 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = Path(args.dir)
             if not (out / "config.json").is_file():
-                return _fail(f"{out} is not a dataset directory (no config.json)")
+                return _fail(f"{out} is not a dataset directory (no config.json)", args.cmd)
             from .recipe import BuildConfig as _BC
 
             cfg = _BC.from_dict(json.loads((out / "config.json").read_text()))
-            if args.seeds:
+            if args.seeds is not None:
                 cfg.check_seeds = args.seeds
             check = run_check(out, cfg, limit=args.limit)
             _print_check(check)
             summary, rc = _summary(out, None, check), 0
     except (ValueError, FileNotFoundError, OSError) as e:
-        return _fail(str(e))
+        return _fail(" ".join(str(e).split()), args.cmd)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     if args.summary:
         atomic_write_bytes(args.summary, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())

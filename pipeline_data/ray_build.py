@@ -3,21 +3,53 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 
 from .build import IdentitySource, run_identity
 
+CONNECT_TIMEOUT_S = 10.0
 
-def _init(address: str) -> None:
-    import ray
+
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT", "[IPv6]:PORT" or "ray://HOST:PORT"; ValueError naming --ray-address."""
+    hp = address.removeprefix("ray://")
+    host, sep, port = hp.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ray-address {address!r}: expected local, auto or HOST:PORT")
+    return host, int(port)
+
+
+def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Start or join Ray ("local", "auto" or "HOST:PORT").
+
+    A HOST:PORT that does not accept a TCP connection within ``timeout_s`` is a ConnectionError naming it: Ray's
+    own client retries for minutes against an unreachable head, and its C++ core aborts the process when it gives
+    up, so the address is probed with a plain socket first.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray-address needs Ray, which is not installed (pip install 'ray[default]')") from None
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address == "local":
         ray.init(include_dashboard=False, log_to_driver=False)
-    else:
+        return
+    if address != "auto":
+        host, port = _host_port(address)
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as e:
+            why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+            raise ConnectionError(f"cannot reach the Ray cluster at {address}: {why}") from None
+    try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as e:
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())}") from None
 
 
 def run_on_ray(
@@ -38,7 +70,7 @@ def run_on_ray(
     """
     import ray
 
-    _init(address)
+    connect(address)
     use_gpu = cfg_dict.get("device", "cpu").startswith("cuda")
     if not use_gpu and not cfg_dict.get("threads"):
         cfg_dict = {**cfg_dict, "threads": 1}  # one task per CPU: don't oversubscribe with torch's thread pool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -56,12 +57,27 @@ class BuildConfig:
     check_guidance: float = 3.0  # CFG scale of the identity check generations
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("rank, steps and batch_size must be >= 1")
+        for name in ("rank", "steps", "batch_size", "prior_images", "check_seeds", "check_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("threads", "check_identities"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.min_photos < 2:
             raise ValueError("min_photos must be >= 2 (one held out, one to train on)")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_photos < self.min_photos:
+            raise ValueError(f"max_photos ({self.max_photos}) must be >= min_photos ({self.min_photos})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
+        for name in ("prior_weight", "crop_padding", "check_guidance"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not isinstance(self.method_params, dict):
+            raise ValueError(f"method_params must be a JSON object, got {json.dumps(self.method_params, default=str)}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module pattern")
 
     @property
     def base_model_id(self) -> str:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .settings import Settings
+from .settings import Settings, check_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,11 @@ def serve_main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValueError as e:  # pydantic ValidationError is a ValueError
         print(f"difflora serve: {_one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        check_device(settings.device)  # before listening, not as a load failure after it
+    except ValueError as e:
+        print(f"difflora serve: device: {e}", file=sys.stderr)
         return 2
     import uvicorn
 

@@ -24,12 +24,13 @@ PRESET_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def check_device(device: str) -> str:
-    """``device`` as a torch device string that exists here (``auto``: CUDA when available, else CPU), else a
-    ValueError naming what is wrong, before any model is loaded."""
+def check_device(device: str, available: bool = True) -> str:
+    """``device`` as a torch device string (``auto``: CUDA when available, else CPU), else a ValueError naming what
+    is wrong. ``available``: the device must also exist on this machine (checked by serve and batch before any
+    model is loaded; a settings object for another machine, e.g. a GPU deploy config, only needs to parse)."""
     from hypernet.checks import resolve_device
 
-    return str(resolve_device(device))
+    return str(resolve_device(device, available))
 
 
 def is_loopback(host: str) -> bool:
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        return check_device(v)
+        return check_device(v, available=False)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

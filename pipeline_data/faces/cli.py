@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline_data.cliargs import nonnegative_int
 from pipeline_data.faces import BACKENDS, BackendUnavailableError, get_encoder
 from pipeline_data.faces.identity import build_identity
 
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("photos", nargs="+", type=Path, help="photo files (one person)")
         else:
             s.add_argument("dir", type=Path, help="folder of identity sub-folders (or one folder of photos)")
-            s.add_argument("--max-photos", type=int, default=0, help="photos per identity (0 = all)")
+            s.add_argument("--max-photos", type=nonnegative_int, default=0, help="photos per identity (0 = all)")
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
         s.add_argument("--backend", choices=sorted(BACKENDS), default="dlib", help="face backend (default dlib)")
         s.add_argument("--model-dir", type=Path, default=None, help="backend model folder (insightface pack)")
@@ -57,6 +58,12 @@ def _photos_in(d: Path) -> list[Path]:
 
 
 def _embed(args) -> int:
+    folders = [str(p) for p in args.photos if p.is_dir()]
+    if folders:
+        raise _ArgError(
+            f"difflora faces embed: {', '.join(folders)}: is a folder, not a photo "
+            "(give its photos, or use `difflora faces check` for a folder)"
+        )
     missing = [str(p) for p in args.photos if not p.is_file()]
     if missing:
         raise _ArgError(f"difflora faces embed: no such file: {', '.join(missing)}")

@@ -34,33 +34,52 @@ def _config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="difflora tiny", description="build the bundled tiny base model")
+    """Entry point of ``difflora tiny``; returns the exit status (2: bad arguments or a refused folder)."""
+    from pipeline_data.cliargs import (
+        OneLineParser,
+        finite_float,
+        nonnegative_float,
+        parse_args,
+        positive_int,
+    )
+    from pipeline_data.models import TINY_BASE
+    from pipeline_data.tiny.arch import TinyConfig
+    from pipeline_data.tiny.folders import FolderRefusedError
+
+    d = TinyConfig()
+    p = OneLineParser(prog="difflora tiny", description="build the bundled tiny base model")
     sub = p.add_subparsers(dest="cmd", required=True)
     pre = sub.add_parser("pretrain", help="train VAE, UNet and text encoder on aligned face crops; export")
     pre.add_argument("--faces", required=True, help="faces root with lfw/ celeba/ orl/ identity folders")
-    pre.add_argument("--out", required=True, help="output diffusers folder (e.g. assets/tiny/base)")
+    pre.add_argument("--out", required=True, help="output diffusers folder: new, empty or an earlier export")
     pre.add_argument("--work", default="runs/tiny-pretrain", help="checkpoints and logs (default: %(default)s)")
     pre.add_argument("--cache", default="cache/tiny", help="face-crop cache directory (default: %(default)s)")
-    pre.add_argument("--vae-steps", type=int, help="VAE optimisation steps")
-    pre.add_argument("--unet-steps", type=int, help="UNet optimisation steps")
-    pre.add_argument("--batch-size", type=int, help="batch size for both VAE and UNet")
-    pre.add_argument("--max-photos", type=int, help="use an evenly spaced subset of photos (tests)")
-    pre.add_argument("--threads", type=int, help="torch threads (default 2)")
-    pre.add_argument("--checkpoint-every", type=float, help="seconds between checkpoints (default 180)")
+    pre.add_argument("--vae-steps", type=positive_int, help=f"VAE optimisation steps (default {d.vae.steps})")
+    pre.add_argument("--unet-steps", type=positive_int, help=f"UNet optimisation steps (default {d.unet.steps})")
+    pre.add_argument("--batch-size", type=positive_int, help="batch size for both VAE and UNet")
+    pre.add_argument("--max-photos", type=positive_int, help="use an evenly spaced subset of photos (tests)")
+    pre.add_argument("--threads", type=positive_int, help=f"torch threads (default {d.threads})")
+    pre.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_float,
+        help=f"seconds between checkpoints (default {d.checkpoint_every_s:g})",
+    )
     pre.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     pre.add_argument("--samples", help="also render a 4x4 sample grid PNG here")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp = sub.add_parser("export", help="export the latest checkpoint in --work as a diffusers folder")
     exp.add_argument("--work", default="runs/tiny-pretrain")
-    exp.add_argument("--out", required=True)
+    exp.add_argument("--out", required=True, help="output diffusers folder: new, empty or an earlier export")
     smp = sub.add_parser("sample", help="render a 4x4 grid from a tiny diffusers folder")
-    smp.add_argument("--model", default="assets/tiny/base")
+    smp.add_argument("--model", default=str(TINY_BASE), help="diffusers folder (default: the bundled tiny base)")
     smp.add_argument("--out", required=True, help="PNG path")
     smp.add_argument("--prompt", default="a photo of a person")
-    smp.add_argument("--steps", type=int, default=25)
-    smp.add_argument("--guidance", type=float, default=3.0)
+    smp.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default %(default)s)")
+    smp.add_argument("--guidance", type=finite_float, default=3.0, help="CFG scale (default %(default)s)")
     smp.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    if isinstance(args, int):
+        return args
     try:
         if args.cmd == "pretrain":
             from pipeline_data.tiny.pretrain import pretrain
@@ -86,17 +105,25 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline_data.tiny.export import export_pipeline
 
             raw = json.loads((Path(args.work) / "config.json").read_text())
-            cfg = TinyConfig(
-                vae=VAEConfig(**raw["vae"]), text=TextConfig(**raw["text"]), unet=UNetConfig(**raw["unet"])
-            )
+            try:
+                cfg = TinyConfig(
+                    vae=VAEConfig(**raw["vae"]), text=TextConfig(**raw["text"]), unet=UNetConfig(**raw["unet"])
+                )
+            except (KeyError, TypeError):
+                raise ValueError(f"{args.work} is not a tiny pretrain work folder (unexpected config.json)") from None
             print(f"wrote {export_pipeline(cfg, Path(args.work), Path(args.out))}")
         elif args.cmd == "sample":
             from pipeline_data.tiny.sample import sample_grid
 
+            if Path(args.out).is_dir():
+                raise FolderRefusedError(f"--out {args.out} is a folder; give the PNG file to write")
             sample_grid(
                 args.model, args.out, prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed
             )
             print(f"wrote {args.out}")
+    except FolderRefusedError as e:  # a folder it would clear or replace holds something else: bad arguments
+        print(f"difflora tiny {args.cmd}: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"difflora tiny {args.cmd}: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,13 +14,18 @@ import torch
 from pipeline_data.tiny.arch import SCHEDULER_KW, TinyConfig, build_text_encoder, build_unet
 from pipeline_data.tiny.card import model_card
 from pipeline_data.tiny.ckpt import load_checkpoint, load_module
+from pipeline_data.tiny.folders import check_out_dir
 from pipeline_data.tiny.tokenizer import load_tokenizer
 
 
 def export_pipeline(cfg: TinyConfig, work: Path, out: Path) -> Path:
-    """Write the fp16 diffusers folder (EMA UNet + text encoder, folded VAE, DDIM) to ``out`` atomically."""
+    """Write the fp16 diffusers folder (EMA UNet + text encoder, folded VAE, DDIM) to ``out`` atomically.
+
+    ``out`` must be absent, empty or an earlier tiny export (FolderRefusedError otherwise): nothing else is replaced.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
+    out = check_out_dir(out)
     tokenizer = load_tokenizer(work / "tokenizer")
     vae = AutoencoderKL.from_pretrained(str(work / "vae"))
     t, meta = load_checkpoint(work / "unet_ckpt.safetensors")
@@ -44,10 +50,31 @@ def export_pipeline(cfg: TinyConfig, work: Path, out: Path) -> Path:
     # fp32 because transformers loads a model in its stored dtype, and a plain from_pretrained must work on CPU.
     unet.to(torch.float16)
     vae.to(torch.float16)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_sibling(out, "tmp")
+    try:
+        _write(pipe, cfg, work, meta, tmp, {"vae": vae, "text_encoder": text, "unet": unet})
+        check_out_dir(out)  # again: something may have appeared there while the checkpoint was converted
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _fresh_sibling(out, "old")
+    if out.exists() or out.is_symlink():
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _fresh_sibling(out: Path, kind: str) -> Path:
+    """A new hidden folder next to ``out`` (a unique name: an existing folder is never reused or removed)."""
+    p = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.{kind}")
+    p.mkdir()
+    return p
+
+
+def _write(pipe, cfg: TinyConfig, work: Path, meta: dict, tmp: Path, modules: dict) -> None:
+    """Save the pipeline, our tokenizer files, training.json and the model card into ``tmp``."""
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copy2(work / "tokenizer" / name, tmp / "tokenizer" / name)  # our files; model_max_length 77
@@ -56,19 +83,9 @@ def export_pipeline(cfg: TinyConfig, work: Path, out: Path) -> Path:
     if vinfo.is_file():
         train["vae"] = json.loads(vinfo.read_text())
     train.update(_run_summary(work))
-    train["params"] = {
-        name: sum(p.numel() for p in m.parameters())
-        for name, m in (("vae", vae), ("text_encoder", text), ("unet", unet))
-    }
+    train["params"] = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     (tmp / "training.json").write_text(json.dumps(train, indent=2))
     (tmp / "README.md").write_text(model_card(train))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _run_summary(work: Path) -> dict:

@@ -41,7 +41,9 @@ from pipeline_data.tiny.ckpt import (
 )
 from pipeline_data.tiny.crops import build_crops
 from pipeline_data.tiny.export import export_pipeline
+from pipeline_data.tiny.folders import check_out_dir, prepare_work_dir
 from pipeline_data.tiny.tokenizer import load_tokenizer, write_tokenizer
+from weights.safetensors_io import atomic_write_bytes
 
 COLOUR_CAPTIONS = (
     "a photo of a person",
@@ -347,7 +349,7 @@ def _check_config(cfg: TinyConfig, work: Path, resume: bool) -> None:
             b = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new[part].items() if k != "steps"}
             if a != b:
                 raise ValueError(f"--resume with a different {part} config than {path}: {a} != {b}")
-    path.write_text(json.dumps(new, indent=2))
+    atomic_write_bytes(path, json.dumps(new, indent=2).encode())
 
 
 def pretrain(
@@ -366,11 +368,9 @@ def pretrain(
     split into chunks and continued with ``resume=True``.
     """
     cfg = cfg or TinyConfig()
+    check_out_dir(out)  # refuse a folder the export would replace before hours of training, not after
+    work = prepare_work_dir(work, resume)  # clears only what an earlier pretrain wrote there
     torch.set_num_threads(cfg.threads)
-    work = Path(work)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, work, resume)
     t0 = time.time()
     crops, records = build_crops(faces, cache_dir, max_photos=cfg.max_photos, progress=progress)

@@ -131,14 +131,11 @@ def _store(
 async def create_identity(
     state: StateDep,
     engine: EngineDep,
-    photos: Annotated[list[UploadFile] | None, File(description="1..max_photos face photos (JPEG/PNG/WebP)")] = None,
+    photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
     name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
 ) -> IdentityPublic:
     """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
     s = state.settings
-    if not photos:
-        msg = "send at least one photo in the multipart field 'photos'"
-        raise ApiError(422, "no_photos", msg, details=[{"field": "photos", "message": msg}])
     if len(photos) > s.max_photos:
         msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
         raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])

@@ -40,3 +40,22 @@ def test_split_and_gain_filters(tiny_dataset: Path) -> None:
     assert len(sub) == 3
     with pytest.raises(ValueError, match="no usable identities"):
         load_adapter_dataset(tiny_dataset, splits=["no-such-split"])
+
+
+def test_manifest_photo_folders_resolve_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older datasets store photo folders relative to the build's working directory (data/tiny-lora:
+    ``../shared/data/faces/...``); eval and tune read the photos from wherever they are run."""
+    import json
+
+    from hypernet.adapter_data import read_manifest
+
+    (tmp_path / "faces" / "ann").mkdir(parents=True)
+    ds = tmp_path / "repo" / "data" / "ds"
+    ds.mkdir(parents=True)
+    recs = [{"status": "ok", "source": "../faces/ann"}, {"status": "ok", "source": str(tmp_path / "abs")}]
+    (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    elsewhere = tmp_path / "x" / "y"  # where ../faces/ann does not exist
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    got = [r["source"] for r in read_manifest(ds)]
+    assert got == [str(tmp_path / "faces" / "ann"), str(tmp_path / "abs")]

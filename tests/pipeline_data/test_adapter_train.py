@@ -26,3 +26,29 @@ def test_train_identity_reports_each_step_and_leaves_the_unet_as_it_was(method: 
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
     trained = [t for name, t in res.adapter.tensors.items() if name.endswith("::B")]
     assert trained and any(float(t.abs().max()) > 0 for t in trained)  # B starts at zero: the steps moved it
+
+
+def test_a_failing_identity_does_not_poison_the_next_one() -> None:
+    """Training that fails after the adapter was injected removes it: the next identity trains as on a fresh UNet."""
+    from weights.inject import adapted_layers
+
+    pipe = tiny_sd15_pipe()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rng = np.random.default_rng(0)
+    crops_a, crops_b = (rng.integers(0, 256, size=(3, size, size, 3), dtype=np.uint8) for _ in range(2))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in pipe.unet.named_parameters()}
+    good = BuildConfig(targets=ATTN_TARGETS, steps=3, batch_size=2, lr=1e-2)
+    bad = BuildConfig(targets=ATTN_TARGETS, steps=3, batch_size=2, lr=1e-2)
+    bad.lr = float("nan")  # a library caller bypassing the recipe checks: the optimizer refuses it after injection
+    with pytest.raises(ValueError, match="learning rate"):
+        train_identity(pipe, crops_a, bad, base_model="tiny-test")
+    assert not adapted_layers(pipe.unet)
+    assert pipe.unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert {k: p.requires_grad for k, p in pipe.unet.named_parameters()} == grads
+    after_failure = train_identity(pipe, crops_b, good, base_model="tiny-test")
+    fresh = train_identity(tiny_sd15_pipe(), crops_b, good, base_model="tiny-test")
+    assert after_failure.adapter.tensors.keys() == fresh.adapter.tensors.keys()
+    for k, t in fresh.adapter.tensors.items():
+        torch.testing.assert_close(after_failure.adapter.tensors[k], t)

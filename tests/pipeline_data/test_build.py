@@ -175,3 +175,99 @@ def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> No
         rgb = enc.load_rgb(str(d / name))
         expected = aligned_crop(enc, rgb, enc.embed(rgb).face, 64, cfg.crop_padding)
         assert np.array_equal(crop, expected), name
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["{build}", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+        (["{build}", "--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["{build}", "--alpha", "nan"], "argument --alpha: must be a finite number"),
+        (["{build}", "--alpha", "inf"], "argument --alpha: must be a finite number"),
+        (["{build}", "--method-params", "[1]"], "--method-params must be a JSON object, got [1]"),
+        (["{build}", "--method-params", "{x"], "--method-params is not JSON"),
+        (["{build}", "--method-params", '{"foo": 1}'], "--method-params: lora does not accept foo (accepted: init)"),
+        (["{build}", "--method-params", '{"init": "bad"}'], "--method-params: unknown LoRA init 'bad'"),
+        (["{build}", "--method", "hta", "--method-params", '{"svd": "exact"}'], "hta does not accept svd"),
+        (["{build}", "--method", "snell", "--method-params", '{"sparsity": 2}'], "sparsity must be in [0, 1)"),
+        (["{build}", "--targets", "nosuchmodule"], "--targets: no module of the model matches"),
+        (["{build}", "--method", "arc"], "--method arc cannot adapt target"),  # full targets: 3x3 convs
+        (["{build}", "--base", "nosuch"], "--base 'nosuch' is neither a preset"),
+        (["{build}", "--base", "{tmp}"], "no diffusers model_index.json"),
+        (["{build}", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["{build}", "--rank", "-1"], "argument --rank: must be >= 1, got -1"),
+        (["{build}", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["{build}", "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+        (["{build}", "--prior-weight", "nan"], "argument --prior-weight: must be a finite number"),
+        (["{build}", "--min-photos", "1"], "min_photos must be >= 2"),
+        (["{build}", "--max-photos", "3"], "max_photos (3) must be >= min_photos (4)"),
+        (["{build}", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
+        (["{build}", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+        (["{build}", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+        (["{build}", "--ray-address", "nowhere"], "--ray-address 'nowhere': expected local, auto or HOST:PORT"),
+        (["build", "--faces", "{tmp}", "--out", "{out}"], "no identity folders with photos found in"),
+        (["build", "--faces", "{tmp}/missing", "--out", "{out}"], "faces directory not found"),
+        (["check", "{tmp}", "--seeds", "-2"], "argument --seeds: must be >= 1, got -2"),
+        (["check", "{tmp}", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+        (["check", "{tmp}", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
+        (["check", "{tmp}"], "is not a dataset directory"),
+    ],
+)
+def test_cli_bad_input_one_clear_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    """Bad flags, recipes and inputs: exit 2, one line naming the problem, within seconds, nothing written."""
+    from pipeline_data.cli import main
+    from tests.utils.datasets import tiny_base
+
+    out = tmp_path / "out"
+    build_argv = ["build", "--faces", str(IDS[0]), "--out", str(out), "--base", tiny_base(), "--threads", "1"]
+    subst = {"{build}": build_argv, "{out}": [str(out)], "{tmp}": [str(tmp_path)]}
+    args = [x.replace("{tmp}", str(tmp_path)) for a in argv for x in subst.get(a, [a])]
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("difflora data") and needle in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_records_name_their_photos_from_any_directory(
+    local_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline_data.build import record_source
+
+    recs = read_records(local_build)
+    assert recs and all(Path(r["source"]).is_absolute() for r in recs.values())  # new records: absolute paths
+    rec = next(iter(recs.values()))
+    assert record_source(rec, local_build) == Path(rec["source"])
+    # an older record: the path relative to the build's working directory (repo/), the dataset in repo/data/ds
+    (tmp_path / "shared" / "faces").mkdir(parents=True)
+    (tmp_path / "shared" / "faces" / IDS[0].name).symlink_to(IDS[0])
+    ds = tmp_path / "repo" / "data" / "ds"
+    ds.mkdir(parents=True)
+    old = {"source": f"../shared/faces/{IDS[0].name}"}
+    want = tmp_path / "shared" / "faces" / IDS[0].name
+    for cwd in (tmp_path / "repo", tmp_path / "repo" / "data", tmp_path / "x" / "y"):
+        cwd.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(cwd)
+        assert record_source(old, ds) == want, cwd
+        assert record_source(old, os.path.relpath(ds, cwd)) == want, cwd
+    assert record_source({"source": "../nowhere/x"}, ds) == tmp_path / "x" / "nowhere" / "x"  # cwd-relative
+
+
+def test_shipped_dataset_records_resolve_outside_the_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data/tiny-lora (read, never rewritten) stores paths relative to the repository root."""
+    from pipeline_data.build import record_source
+
+    ds = REPO / "data" / "tiny-lora"
+    if not (ds / "records").is_dir() or not FACES.is_dir():
+        pytest.skip("data/tiny-lora or the shared faces not present")
+    rec = next(r for r in read_records(ds).values() if r["status"] == "ok")
+    monkeypatch.chdir(tmp_path)
+    src = record_source(rec, ds)
+    assert src.is_dir() and all((src / name).is_file() for name in rec["photos_used"] + rec["heldout"]), src

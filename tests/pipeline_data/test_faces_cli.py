@@ -53,6 +53,10 @@ def test_embed_table(capsys):
         (["embed"], 2, "required"),
         (["check", "{missing}"], 2, "not a directory"),
         (["check", "{emptydir}"], 2, "no photos"),
+        (["embed", "{emptydir}"], 2, "is a folder, not a photo"),
+        (["embed", str(PHOTOS / "obama.jpg"), str(PHOTOS)], 2, "is a folder, not a photo"),
+        (["check", str(PHOTOS), "--max-photos", "-1"], 2, "argument --max-photos: must be >= 0, got -1"),
+        (["check", str(PHOTOS), "--max-photos", "two"], 2, "argument --max-photos: expected an integer"),
         (["frobnicate"], 2, "invalid choice"),
     ],
 )

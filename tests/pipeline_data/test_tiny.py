@@ -162,6 +162,17 @@ def test_pretrain_smoke_resume_and_stock_diffusers_load(tmp_path: Path) -> None:
     assert pipe.tokenizer.model_max_length == 77 and (out_b / "tokenizer" / "merges.txt").is_file()
     img = pipe("a photo of a person", num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    # an earlier export may be replaced (atomically, no leftovers next to it); a work folder is cleared of
+    # what pretrain wrote and nothing else
+    from pipeline_data.tiny.cli import main
+    from pipeline_data.tiny.folders import prepare_work_dir
+
+    assert main(["export", "--work", str(tmp_path / "wb"), "--out", str(out_a)]) == 0
+    assert json.loads((out_a / "training.json").read_text())["unet_steps"] == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "wa" / "notes.txt").write_text("mine")
+    prepare_work_dir(tmp_path / "wa", resume=False)
+    assert [p.name for p in (tmp_path / "wa").iterdir()] == ["notes.txt"]
 
 
 def test_cli_bad_input_returns_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,6 +182,155 @@ def test_cli_bad_input_returns_nonzero(tmp_path: Path, capsys: pytest.CaptureFix
     assert "faces directory not found" in capsys.readouterr().err
     assert main(["export", "--work", str(tmp_path / "nowork"), "--out", str(tmp_path / "o")]) == 1
     assert main(["sample", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "s.png")]) == 1
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["sample", "--out", "{png}", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["sample", "--out", "{png}", "--steps", "-3"], "argument --steps: must be >= 1, got -3"),
+        (["sample", "--out", "{png}", "--steps", "2.5"], "argument --steps: expected an integer"),
+        (["sample", "--out", "{png}", "--guidance", "nan"], "argument --guidance: must be a finite number"),
+        (["sample", "--out", "{png}", "--guidance", "inf"], "argument --guidance: must be a finite number"),
+        (["sample", "--out", "{dir}"], "is a folder"),
+        (["pretrain", "{pre}", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["pretrain", "{pre}", "--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["pretrain", "{pre}", "--vae-steps", "-5", "--unet-steps", "-1"], "argument --vae-steps: must be >= 1"),
+        (["pretrain", "{pre}", "--unet-steps", "0"], "argument --unet-steps: must be >= 1, got 0"),
+        (["pretrain", "{pre}", "--max-photos", "0"], "argument --max-photos: must be >= 1, got 0"),
+        (["pretrain", "{pre}", "--checkpoint-every", "-1"], "argument --checkpoint-every: must be >= 0"),
+        (["pretrain", "{pre}", "--checkpoint-every", "nan"], "argument --checkpoint-every: must be a finite"),
+    ],
+)
+def test_cli_bad_numbers_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    from pipeline_data.tiny.cli import main
+
+    (tmp_path / "faces").mkdir()
+    pre = ["--faces", str(tmp_path / "faces"), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    subst = {"{png}": [str(tmp_path / "g.png")], "{dir}": [str(tmp_path)], "{pre}": pre}
+    assert main([x for a in argv for x in subst.get(a, [a])]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("difflora tiny") and needle in line, line
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists() and not (tmp_path / "g.png").exists()
+
+
+def _pretrain_work(d: Path) -> Path:
+    """A work folder as pretrain leaves it (its config.json and the other entries it writes)."""
+    from dataclasses import asdict
+
+    from pipeline_data.tiny.arch import TinyConfig
+
+    (d / "tokenizer").mkdir(parents=True)
+    (d / "tokenizer" / "vocab.json").write_text("{}")
+    (d / "vae").mkdir()
+    (d / "config.json").write_text(json.dumps(asdict(TinyConfig())))
+    for name in ("metrics.jsonl", "vae_ckpt.safetensors", "latents.safetensors", "unet_ckpt.safetensors.tmp"):
+        (d / name).write_text("x")
+    return d
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("work_foreign", "--work {w} is not empty and is not a tiny pretrain work folder"),
+        ("work_file", "--work {w} exists and is not a folder"),
+        ("work_foreign_resume", "--work {w} is not empty and is not a tiny pretrain work folder"),
+        ("out_foreign", "--out {o} is not empty and is not a model folder written by difflora tiny"),
+        ("out_other_model", "--out {o} is not empty and is not a model folder written by difflora tiny"),
+        ("out_file", "--out {o} exists and is not a folder"),
+        ("export_out_foreign", "--out {o} is not empty and is not a model folder written by difflora tiny"),
+    ],
+)
+def test_cli_refuses_folders_it_did_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, needle: str
+) -> None:
+    """``--work`` / ``--out`` holding anything pretrain/export did not write: exit 2 and every file kept."""
+    from pipeline_data.tiny.cli import main
+
+    faces, work, out = tmp_path / "faces", tmp_path / "w", tmp_path / "o"
+    faces.mkdir()
+    if case.startswith("work_"):
+        if case == "work_file":
+            work.write_text("k")
+        else:
+            work.mkdir()
+            (work / "s.txt").write_text("k")
+    if case.startswith(("out_", "export_")):
+        if case == "out_file":
+            out.write_text("k")
+        else:
+            (out / "hypernet").mkdir(parents=True)
+            (out / "hypernet" / "model.safetensors").write_text("k")
+            if case == "out_other_model":
+                (out / "model_index.json").write_text("{}")
+    before = sorted((p.relative_to(tmp_path), p.is_file() and p.read_text()) for p in tmp_path.rglob("*"))
+    if case == "export_out_foreign":
+        argv = ["export", "--work", str(_pretrain_work(work)), "--out", str(out)]
+        before = sorted((p.relative_to(tmp_path), p.is_file() and p.read_text()) for p in tmp_path.rglob("*"))
+    else:
+        argv = ["pretrain", "--faces", str(faces), "--out", str(out), "--work", str(work), "--cache", str(tmp_path)]
+        argv += ["--resume"] if case.endswith("_resume") else []
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert needle.format(w=work, o=out) in line, line
+    after = sorted((p.relative_to(tmp_path), p.is_file() and p.read_text()) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing removed, nothing written
+
+
+def test_work_folder_clears_only_what_pretrain_wrote(tmp_path: Path) -> None:
+    from pipeline_data.tiny.folders import WORK_ENTRIES, prepare_work_dir
+
+    work = _pretrain_work(tmp_path / "w")
+    (work / "notes.txt").write_text("mine")
+    (work / "mine").mkdir()
+    (work / "mine" / "data.bin").write_text("mine")
+    entries = sorted(p.name for p in work.iterdir())
+    assert prepare_work_dir(work, resume=True) == work and sorted(p.name for p in work.iterdir()) == entries
+    prepare_work_dir(work, resume=False)
+    assert sorted(p.name for p in work.iterdir()) == ["mine", "notes.txt"]
+    assert (work / "mine" / "data.bin").read_text() == "mine"
+    assert set(entries) - {"mine", "notes.txt"} <= set(WORK_ENTRIES)
+    assert prepare_work_dir(tmp_path / "new" / "w", resume=False).is_dir()  # absent: created
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_work_dir(empty, resume=False)
+    assert empty.is_dir()
+
+
+def test_out_folder_accepts_absent_empty_or_an_earlier_export(tmp_path: Path) -> None:
+    from pipeline_data.tiny.folders import FolderRefusedError, check_out_dir
+
+    assert check_out_dir(tmp_path / "absent") == tmp_path / "absent"
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")
+    check_out_dir(TINY_BASE)  # the committed base is an export: re-exporting there is allowed (only read here)
+    with pytest.raises(FolderRefusedError, match="not a model folder written by difflora tiny"):
+        check_out_dir(TINY_BASE.parent)  # assets/tiny: the base and everything next to it
+
+
+def test_cli_help_and_sample_default_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--threads`` help states the code default; ``sample`` finds the bundled base from any directory."""
+    from pipeline_data.tiny.arch import TinyConfig
+    from pipeline_data.tiny.cli import main
+
+    assert main(["pretrain", "--help"]) == 0
+    assert f"torch threads (default {TinyConfig().threads})" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    if "DIFFLORA_TINY_BASE" not in os.environ:
+        assert main(["sample", "--out", "g.png", "--steps", "1"]) == 0, capsys.readouterr().err
+        from PIL import Image
+
+        assert Image.open(tmp_path / "g.png").size == (4 * 64 * 2, 4 * 64 * 2)
 
 
 # ------------------------------------------------------------------------------------- the committed model

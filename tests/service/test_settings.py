@@ -25,7 +25,7 @@ def test_env_vars(monkeypatch, tmp_path):
      ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "api_key": "long-enough-key"}, True),
      ({"host": "0.0.0.0", "allow_insecure_bind": True}, True), ({"api_key": "short"}, False),
      ({"queue_size": 0}, False), ({"default_steps": 500}, False), ({"device": "cpu"}, True),
-     ({"device": "foo"}, False), ({"device": "meta"}, False)],
+     ({"device": "foo"}, False), ({"device": "meta"}, False), ({"device": "cuda"}, True)],  # cuda: a GPU config
 )  # fmt: skip
 def test_validation(kw, ok):
     if ok:
