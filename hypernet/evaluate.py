@@ -330,9 +330,12 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
     base = np.array([per["base"][i]["sim"] for i in ids])
     oracle_gain = np.array([per["oracle"][i]["sim"] for i in ids]) - base
     rows = {}
+    gain_h = np.array([per["hypernet"][i]["sim"] for i in ids]) - base if "hypernet" in per else None
     for c in per:
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
         recovery = _ratio_summary(gain, oracle_gain)
+        # the hypernet's recovery minus c's, paired over identities (the "above nearest neighbour" target)
+        adv = _ratio_summary(gain_h - gain, oracle_gain) if gain_h is not None and c != "hypernet" else None
         fidelity = _summary([per[c][i]["function_fidelity"] for i in ids])
         held = [per[c][i].get("function_fidelity_heldout") for i in ids]
         held = _summary(held) if None not in held else None  # tables scored before the field have none
@@ -354,6 +357,7 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
             "weight_cosine": float(np.mean([per[c][i]["weight_cosine"] for i in ids])),
             "no_face_rate": float(np.mean([per[c][i]["no_face"] for i in ids])),
             "seconds_per_identity": (seconds or {}).get(c, 0.0),
+            **({"hypernet_recovery_advantage": adv} if adv else {}),
         }
     return rows
 
