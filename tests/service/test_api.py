@@ -311,7 +311,11 @@ def test_identity_deleted_while_its_request_waits_is_404(client):
     iid = client.post("/v1/identities", files=photo_files(OBAMA[4:5])).json()["id"]
     eng = client.app.state.svc.engine
     eng.forget(iid)  # not cached: the worker will load it from disk
-    busy = eng.submit_generate(None, GenParams(steps=20, width=64, height=64), ["busy"], [0])
+    busy = eng.submit_generate(None, GenParams(steps=60, width=128, height=128), ["busy"], [0])  # seconds
+    deadline = time.monotonic() + 30
+    while eng.queue_depth:  # the worker has taken the busy task
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     out = {}
 
     def post() -> None:
@@ -319,9 +323,8 @@ def test_identity_deleted_while_its_request_waits_is_404(client):
 
     t = threading.Thread(target=post)
     t.start()
-    deadline = time.monotonic() + 30
-    while eng.queue_depth == 0:  # the request is queued behind the busy one
-        assert time.monotonic() < deadline
+    while eng.queue_depth == 0:  # now the only queued task is this request, behind the busy one
+        assert time.monotonic() < deadline and not busy.done()
         time.sleep(0.01)
     assert client.delete(f"/v1/identities/{iid}").status_code == 204
     busy.result(timeout=120)
