@@ -21,8 +21,8 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Start or join Ray ("local", "auto" or "HOST:PORT").
+def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S, num_cpus: int | None = None) -> None:
+    """Start or join Ray ("local", "auto" or "HOST:PORT"; ``num_cpus`` caps a local instance).
 
     A HOST:PORT that does not accept a TCP connection within ``timeout_s`` is a ConnectionError naming it: Ray's
     own client retries for minutes against an unreachable head, and its C++ core aborts the process when it gives
@@ -37,7 +37,7 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         return
     if address != "auto":
         host, port = _host_port(address)

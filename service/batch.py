@@ -174,10 +174,9 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
 def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> list[dict]:
     import ray
 
-    if args.ray_address == "local":
-        ray.init(num_cpus=max(1, args.ray_workers), include_dashboard=False)
-    else:
-        ray.init(address=args.ray_address)
+    from pipeline_data.ray_build import connect
+
+    connect(args.ray_address, num_cpus=max(1, args.ray_workers))  # an unreachable address fails at once
     try:
         task = ray.remote(max_retries=2)(run_identities)
         chunks = [todo[i :: args.ray_workers] for i in range(args.ray_workers)]

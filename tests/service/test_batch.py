@@ -119,3 +119,14 @@ def test_batch_bad_prompts_file_and_output(tmp_path, capsys):
     )
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_batch_unreachable_ray_address_fails_at_once(tmp_path, capsys):
+    pytest.importorskip("ray")
+    faces = tmp_path / "faces" / "obama"
+    faces.mkdir(parents=True)
+    (faces / "a.jpg").write_bytes(b"x")
+    (tmp_path / "p.txt").write_text("a\n")
+    argv = ["--faces", str(tmp_path / "faces"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--ray-address", "127.0.0.1:1"]) == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
