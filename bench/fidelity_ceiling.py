@@ -44,9 +44,9 @@ from hypernet.evaluate import (  # noqa: E402
     candidate_images,
     identity_crops,
     score_candidates,
-    summarize_candidates,
 )
 from hypernet.predict import Predictor  # noqa: E402
+from hypernet.table import summarize_candidates  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.check import generate  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402

@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import read_manifest  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _summary, identity_crops, photo_inputs  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity, identity_crops, photo_inputs  # noqa: E402
 from hypernet.predict import Predictor  # noqa: E402
+from hypernet.table import summary  # noqa: E402
 from pipeline_data.adapter_train import encode_latents, train_identity, unet_conditioning  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"val {j + 1}/{len(val)} {time.perf_counter() - t0:.0f}s", flush=True)
     rows = {
         c: {
-            "function_fidelity": _summary([m["fidelity"] for m in ms]),
-            "function_cosine": _summary([m["cosine"] for m in ms]),
+            "function_fidelity": summary([m["fidelity"] for m in ms]),
+            "function_cosine": summary([m["cosine"] for m in ms]),
             "seconds": float(np.median(seconds[c])) if c in seconds else 0.0,
         }
         for c, ms in per.items()

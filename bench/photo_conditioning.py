@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
 from hypernet.data import mean_embedding  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _photo_eps, _summary, identity_crops  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity, _photo_eps, identity_crops  # noqa: E402
+from hypernet.table import summary  # noqa: E402
 from pipeline_data.adapter_train import to_pixels  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             per.setdefault(c, {}).setdefault("function_fidelity", []).append(fid)
             per[c].setdefault("function_cosine", []).append(cos)
         print(f"{j + 1}/{len(val)} {ds.records[row]['identity']}", flush=True)
-    rows = {c: {k: _summary(v) for k, v in m.items()} for c, m in per.items()}
+    rows = {c: {k: summary(v) for k, v in m.items()} for c, m in per.items()}
     doc = {
         "what": "ridge from face embedding / photo latents to adapter tokens, scored on val (photo_conditioning.py)",
         "n_train": nt, "n_val": len(val), "identities": [ds.records[r]["identity"] for r in val],

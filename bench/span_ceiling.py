@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.gradient_conditioning import crops_cached, delta_eps  # noqa: E402
 from hypernet.adapter_data import read_manifest  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _summary  # noqa: E402
+from hypernet.evaluate import EvalConfig, _fidelity  # noqa: E402
+from hypernet.table import summary  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
@@ -111,7 +112,7 @@ def seed_rows(
     for name, idx in spans.items():
         ix = torch.tensor(idx)
         cos = projection_cosines(span_coefficients(gram[ix][:, ix], cross[ix]), cross[ix], total)
-        out[name] = {"adapters": len(idx), "weight_cosine": _summary(cos.tolist())}
+        out[name] = {"adapters": len(idx), "weight_cosine": summary(cos.tolist())}
     return out
 
 
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {
         c: {
             "training_identities": int(c.split("_")[1]),
-            "function_fidelity": _summary([m["fidelity"] for m in ms]),
-            "function_cosine": _summary([m["cosine"] for m in ms]),
-            "weight_cosine": _summary([m["weight_cosine"] for m in ms]),
+            "function_fidelity": summary([m["fidelity"] for m in ms]),
+            "function_cosine": summary([m["cosine"] for m in ms]),
+            "weight_cosine": summary([m["weight_cosine"] for m in ms]),
         }
         for c, ms in per.items()
     }

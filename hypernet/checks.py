@@ -1,7 +1,9 @@
 """Checks of user-given values (counts, floats, seeds, devices, output paths) and strict JSON output.
 
 Every check raises ``ValueError`` with one line naming the option and the value, so a command fails before any
-long work instead of with a traceback (or after an hour of evaluation, with the results lost).
+long work instead of with a traceback (or after an hour of evaluation, with the results lost). These check values
+that Python callers pass too (``EvalConfig``, ``sample``, ``tune``) and ``difflora batch``'s options; argparse
+types that refuse a bad string as it is parsed are in ``pipeline_data.cliargs``.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ def finite(value: float | None, flag: str, lo: float | None = None, hi: float | 
     if not math.isfinite(value):
         raise ValueError(f"{flag} must be a finite number, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo:g}" if hi is None else (f"<= {hi:g}" if lo is None else f"in [{lo:g}, {hi:g}]")
-        raise ValueError(f"{flag} must be {bounds}, got {value:g}")
+        if hi is None or lo is None:
+            bounds = f">= {_num(lo)}" if hi is None else f"<= {_num(hi)}"
+        else:
+            bounds = f"in [{_num(lo)}, {_num(hi)}]"
+        raise ValueError(f"{flag} must be {bounds}, got {_num(value)}")
     return value
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def seed(value: int, flag: str = "--seed") -> int:

@@ -156,7 +156,8 @@ def _train_dataset(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate, write_results
+    from .evaluate import EvalConfig, evaluate
+    from .table import write_results
 
     for flag in ("seeds", "limit", "sample_steps", "samples", "mlp_epochs"):
         positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
@@ -261,17 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 def _check_export(spec, fmt: str, rank: int | None) -> None:
     """Refuse, before predicting, a format/rank whose conversion needs the base model's weights (predict loads
     none), saying which of predict's options work instead."""
-    from weights.convert import needs_base
-    from weights.methods import get_method
+    from weights.formats import DORA_FORMATS, export_needs_base
 
-    if fmt == "native" or not needs_base(get_method(spec.method)):
+    if not export_needs_base(spec, fmt, rank):
         return
-    if spec.method == "dora" and fmt in ("diffusers", "peft") and rank in (None, spec.rank):
-        return  # written as DoRA (magnitude vector), no conversion
     what = f"{fmt} LoRA" + ("" if rank is None else f" of rank {rank}")
     works = "--format native"
     if spec.method == "dora":
-        works = f"--format diffusers or peft without --rank (written as DoRA, rank {spec.rank}), or {works}"
+        works = f"--format {' or '.join(DORA_FORMATS)} without --rank (written as DoRA, rank {spec.rank}), or {works}"
     raise ValueError(
         f"this checkpoint predicts {spec.method} adapters, whose conversion to {what} needs the base model's "
         f"weights, which predict does not load: use {works} (then `difflora adapter convert FILE OUT --to {fmt} "

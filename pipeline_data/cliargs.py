@@ -1,4 +1,8 @@
-"""Argument parsing shared by the ``difflora data|tiny|faces`` CLIs: one-line errors and checked number types."""
+"""Argument parsing shared by the ``difflora data|tiny|faces`` CLIs: one-line errors and checked number types.
+
+These check a string as argparse parses it; checks of values that Python callers pass too are in
+``hypernet.checks`` (used by the hypernet and batch CLIs).
+"""
 
 from __future__ import annotations
 

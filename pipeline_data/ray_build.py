@@ -9,6 +9,9 @@ from collections.abc import Callable
 from .build import IdentitySource, run_identity
 
 CONNECT_TIMEOUT_S = 10.0
+# HTTP/2 client preface + an empty SETTINGS frame: a gRPC server (Ray's GCS and client server) answers with its own
+# SETTINGS frame (9-byte header, type 0x4); anything else (an HTTP/1 server, a silent port) does not
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -21,12 +24,36 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def probe_ray_head(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """ConnectionError naming ``address`` ("HOST:PORT" or "ray://HOST:PORT") unless it accepts a TCP connection and
+    answers as a gRPC server (as a Ray head's GCS port and its client port do) within ``timeout_s``."""
+    host, port = _host_port(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {why}") from None
+    head = b""
+    with sock:
+        try:
+            sock.sendall(_H2_PREFACE)
+            while len(head) < 9 and (chunk := sock.recv(9 - len(head))):
+                head += chunk
+        except OSError:
+            pass  # reset or timed out: judged by what arrived before
+    if len(head) < 9 or head[3] != 0x04:
+        raise ConnectionError(
+            f"{address} is not a Ray cluster: it accepts connections but does not answer as Ray's gRPC ports do "
+            "(give the head's GCS address, HOST:6379 by default, or ray://HOST:10001)"
+        )
+
+
 def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S, num_cpus: int | None = None) -> None:
     """Start or join Ray ("local", "auto" or "HOST:PORT"; ``num_cpus`` caps a local instance).
 
-    A HOST:PORT that does not accept a TCP connection within ``timeout_s`` is a ConnectionError naming it: Ray's
-    own client retries for minutes against an unreachable head, and its C++ core aborts the process when it gives
-    up, so the address is probed with a plain socket first.
+    A HOST:PORT that does not accept a TCP connection, or does not answer as a gRPC server, within ``timeout_s``
+    is a ConnectionError naming it: Ray's own client retries for minutes against an unreachable head (or a port
+    that is not Ray's), and its C++ core aborts the process when it gives up, so the address is probed first.
     """
     try:
         import ray
@@ -40,12 +67,7 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S, num_cpus: int | 
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         return
     if address != "auto":
-        host, port = _host_port(address)
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-        except OSError as e:
-            why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-            raise ConnectionError(f"cannot reach the Ray cluster at {address}: {why}") from None
+        probe_ray_head(address, timeout_s)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as e:

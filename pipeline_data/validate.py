@@ -14,14 +14,6 @@ import torch
 
 from .recipe import BuildConfig
 
-# the keys each method reads from AdapterSpec.params (weights/methods/*.py: cfg.get(...)); others read none
-METHOD_PARAMS: dict[str, tuple[str, ...]] = {
-    "lora": ("init",),
-    "dora": ("init",),
-    "svfit": ("svd",),
-    "snell": ("sparsity",),
-}
-
 
 def base_folder(base: str) -> Path | None:
     """The local diffusers folder of ``base`` (a preset or a folder); None for a preset only on a model hub.
@@ -63,14 +55,14 @@ def check_method_params(cfg: BuildConfig) -> None:
     """ValueError naming ``--method-params`` for keys the method does not read or values it refuses."""
     from weights.methods import get_method, method_config
 
-    accepted = METHOD_PARAMS.get(cfg.method, ())
-    unknown = sorted(set(cfg.method_params) - set(accepted))
+    method = get_method(cfg.method)
+    unknown = sorted(set(cfg.method_params) - set(method.param_keys))
     if unknown:
-        ok = ", ".join(accepted) if accepted else "none"
+        ok = ", ".join(method.param_keys) if method.param_keys else "none"
         raise ValueError(f"--method-params: {cfg.method} does not accept {', '.join(unknown)} (accepted: {ok})")
     if not cfg.method_params:
         return
-    method, mcfg = get_method(cfg.method), method_config(cfg.adapter_spec("check"))
+    mcfg = method_config(cfg.adapter_spec("check"))
     n = max(8, 2 * cfg.rank)
     try:  # the method's own checks of the values, on a small layer
         method.init_layer(torch.randn(n, n, generator=torch.Generator().manual_seed(0)), mcfg)

@@ -54,32 +54,43 @@ def _read_prompts(path: Path) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
-def _bad_args(args: argparse.Namespace) -> str | None:
-    """The first option out of range, as a message (the server's request limits apply offline too)."""
-    import math
+# options that are fields of the HTTP request: checked by the request schema, so the server's limits apply offline
+_REQUEST_FLAGS = {
+    "steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "adapter_scale": "--adapter-scale",
+    "seed": "--seed",
+    "num_images": "--num-images",
+}
 
+
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first option out of range, as a message."""
+    from pydantic import ValidationError
+
+    from hypernet.checks import finite
+
+    from .schemas import GenerateRequest
     from .settings import PRESET_SIZES, check_device
 
-    top = PRESET_SIZES[args.preset][1]
-    checks = [
-        (args.steps is None or 1 <= args.steps <= 1000, "--steps must be 1..1000"),
-        (args.size is None or (8 <= args.size <= top and args.size % 8 == 0),
-         f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset"),
-        (math.isfinite(args.guidance_scale) and 0 <= args.guidance_scale <= 30, "--guidance-scale must be in 0..30"),
-        (math.isfinite(args.adapter_scale) and -2 <= args.adapter_scale <= 3, "--adapter-scale must be in -2..3"),
-        (1 <= args.num_images <= 64, "--num-images must be 1..64"),
-        (1 <= args.max_photos <= 100, "--max-photos must be 1..100"),
-        (0 <= args.seed < 2**32, "--seed must be in 0..2^32-1"),
-        (0 <= args.threads <= 256, "--threads must be 0..256"),
-        (args.ray_workers >= 1, "--ray-workers must be >= 1"),
-    ]  # fmt: skip
-    for ok, msg in checks:
-        if not ok:
-            return msg
     try:
+        finite(args.guidance_scale, "--guidance-scale")
+        finite(args.adapter_scale, "--adapter-scale")
+        finite(args.max_photos, "--max-photos", 1, 100)
+        finite(args.threads, "--threads", 0, 256)
+        finite(args.ray_workers, "--ray-workers", lo=1)
+        GenerateRequest.model_validate(
+            {"prompt": "x", **{k: getattr(args, k) for k in _REQUEST_FLAGS if getattr(args, k) is not None}}
+        )
         check_device(args.device)
+    except ValidationError as e:
+        err = e.errors()[0]
+        return f"{_REQUEST_FLAGS[err['loc'][0]]}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']}"
     except ValueError as e:
-        return f"--device: {e}"
+        return str(e) if str(e).startswith("--") else f"--device: {e}"
+    top = PRESET_SIZES[args.preset][1]
+    if args.size is not None and not (8 <= args.size <= top and args.size % 8 == 0):
+        return f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset, got {args.size}"
     return None
 
 

@@ -69,6 +69,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .protocol import json_error_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -79,6 +80,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level, proxy_headers=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, server_header=False,
+        http=json_error_protocol(),
     )  # fmt: skip
     server = _DrainingServer(config, app)
     failed: list[str] = []

@@ -15,7 +15,8 @@ import torch
 from hypernet.checks import MAX_SEED, dumps
 from hypernet.cli import main, predict_main
 from hypernet.config import HypernetConfig, get_preset
-from hypernet.evaluate import EvalConfig, _tabulate, write_results
+from hypernet.evaluate import EvalConfig
+from hypernet.table import tabulate, write_results
 
 
 def _refused(rc: int, err: str, message: str) -> None:
@@ -206,7 +207,7 @@ def test_written_json_is_strict_and_keeps_finite_values(tmp_path):
     m = {"sim": 0.5, "function_fidelity": 0.1, "function_fidelity_heldout": 0.1, "function_cosine": 0.2,
          "weight_cosine": 0.3, "no_face": 0.0}  # fmt: skip
     per = {c: {"id0": dict(m), "id1": dict(m)} for c in ("base", "oracle", "hypernet", "mean")}
-    res = _tabulate(per, {}, EvalConfig())  # the oracle gains nothing: recovery is 0/0
+    res = tabulate(per, {}, EvalConfig())  # the oracle gains nothing: recovery is 0/0
     assert math.isnan(res["hypernet"]["identity_recovery"])
     out = tmp_path / "q.json"
     write_results(res, out)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hypernet.evaluate import EvalConfig, evaluate, write_results
+from hypernet.evaluate import EvalConfig, evaluate
 from hypernet.predict import Predictor
+from hypernet.table import write_results
 from pipeline_data.models import load_pipeline
 from pipeline_data.recipe import BuildConfig
 
@@ -57,7 +58,7 @@ def test_eval_table_definitions(eval_setup, tmp_path: Path) -> None:
 def test_recovery_advantage_is_the_paired_difference_of_recoveries() -> None:
     """The hypernet's advantage over a baseline is rec(hypernet) - rec(baseline) (same oracle gains), with a paired
     bootstrap interval that is narrower than the two recoveries' own intervals when the identities co-vary."""
-    from hypernet.evaluate import summarize_candidates
+    from hypernet.table import summarize_candidates
 
     rng = np.random.default_rng(0)
     base = rng.uniform(0.80, 0.85, 40)

@@ -4,6 +4,7 @@ restarted mid-job; then the web page in Debian's Chromium (Playwright)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -204,3 +205,26 @@ def test_web_page_in_chromium(served, tmp_path):
         finally:
             browser.close()
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /v1/identities HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET / HTTP/1.1 junk\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS ClientHello sent to the plain-HTTP port
+    ],
+)
+def test_unparseable_request_gets_a_json_400(served, request_head):
+    srv: Server = served["server"]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(request_head)
+        raw = b""
+        while chunk := sock.recv(4096):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    err = json.loads(body)["error"]
+    assert err["code"] == "bad_request" and err["message"].startswith("malformed HTTP request")
+    assert srv.http.get("/healthz").status_code == 200  # the server goes on serving

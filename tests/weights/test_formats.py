@@ -12,6 +12,7 @@ from tests.utils.adapters import make_adapter
 from tests.utils.tiny_pipes import run_pipe, tiny_sd15_pipe, tiny_sd15_unet, tiny_sdxl_pipe, tiny_sdxl_unet
 from weights import apply_adapter, load_any, restore, save_adapter
 from weights.convert import layer_deltas
+from weights.formats import export_needs_base, keeps_dora
 from weights.formats.diffusers import METADATA_KEY, from_diffusers, to_diffusers
 from weights.formats.kohya import from_sgm, load_kohya, to_sgm
 from weights.formats.native import load_native
@@ -214,3 +215,21 @@ def test_native_round_trip_is_lossless(method, tmp_path):
     assert back.spec.to_json() == ad.spec.to_json()
     assert set(back.tensors) == set(ad.tensors)
     assert all(torch.equal(back.tensors[k], v) for k, v in ad.tensors.items())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(("fmt", "rank"), [("diffusers", None), ("diffusers", 2), ("kohya", None), ("peft", None)])
+def test_export_needs_base_predicts_what_save_does_without_base(method, fmt, rank, tmp_path):
+    unet = tiny_sd15_unet()
+    targets = ["to_out.0", "ff.net.2"] if method == "arc" else ["to_q", "proj_in"]
+    ad = make_adapter(unet, method, 4, targets=targets, seed=3)
+    expected = method in ("dora", "tlora", "arc") and not (method == "dora" and fmt != "kohya" and rank is None)
+    assert export_needs_base(ad.spec, fmt, rank) is expected
+    assert export_needs_base(ad.spec, "native") is False
+    out = tmp_path / ("a" if fmt == "peft" else "a.safetensors")
+    if expected:
+        with pytest.raises(ValueError, match="base weights"):
+            save_adapter(ad, out, fmt, rank=rank)
+    else:
+        save_adapter(ad, out, fmt, rank=rank)
+        assert load_any(out).spec.method == ("dora" if keeps_dora(ad.spec, fmt, rank) else "lora")

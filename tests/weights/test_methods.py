@@ -111,6 +111,28 @@ def test_forward_matches_merged(name, kind):
     torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-5)
 
 
+class _RecordingConfig(MethodConfig):
+    """A MethodConfig that records every params key the method asks for."""
+
+    def get(self, key: str, default: object = None) -> object:
+        object.__getattribute__(self, "asked").add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_keys_are_the_keys_the_method_reads(name):
+    m = METHODS[name]
+    cfg = _RecordingConfig(rank=4, scale=SCALE.get(name, 1.0))
+    object.__setattr__(cfg, "asked", set())
+    kinds = ["linear", "conv1x1"] if m.supports_conv else ["linear"]
+    for kind in kinds:
+        layer = KINDS[kind]()
+        p = perturb(name, init_all(name, layer, cfg))
+        m.delta(layer.weight.detach(), p, cfg)
+        m.forward(x_for(layer), layer.weight.detach(), layer.bias.detach(), p, cfg, op_of(layer))
+    assert tuple(sorted(cfg.asked)) == tuple(sorted(m.param_keys))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_unsupported_shapes_raise(name):
     m, cfg = METHODS[name], cfg_for(name)

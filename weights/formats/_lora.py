@@ -13,6 +13,7 @@ from ..adapter import Adapter, layer_key
 from ..convert import BaseWeights, ConversionReport, to_lora
 from ..errors import AdapterFileError
 from ..spec import AdapterSpec, LayerInfo
+from . import keeps_dora
 
 
 @dataclass
@@ -36,12 +37,13 @@ def export_lora(
     adapter: Adapter,
     rank: int | None = None,
     base: BaseWeights = None,
-    allow_dora: bool = True,
+    fmt: str = "diffusers",
     bake_scale: bool = True,
 ) -> LoraExport:
-    """LoRA factors (file layout) for any adapter: LoRA as is, DoRA natively when allowed, others via SVD."""
+    """LoRA factors (file layout) for any adapter: LoRA as is, DoRA natively where ``fmt`` keeps it, others via
+    SVD."""
     spec = adapter.spec
-    dora = allow_dora and spec.method == "dora" and (rank is None or rank == spec.rank)
+    dora = keeps_dora(spec, fmt, rank)
     if dora:
         lora, report = adapter, ConversionReport(rank=spec.rank, exact=True)
     else:

@@ -50,7 +50,7 @@ def to_diffusers(
     Non-LoRA methods are converted by truncated SVD (``rank``, ``base`` for multiplicative methods); DoRA is
     written natively (``lora_magnitude_vector``) unless a different ``rank`` is asked for.
     """
-    ex = export_lora(adapter, rank, base, allow_dora=True, bake_scale=bake_scale)
+    ex = export_lora(adapter, rank, base, fmt="diffusers", bake_scale=bake_scale)
     pre = f"{prefix}." if prefix else ""
     sd: dict[str, Tensor] = {}
     for lay in ex.layers:

@@ -141,7 +141,7 @@ def to_kohya(
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     if adapter.spec.component != "unet":
         raise ValueError(f"only unet adapters can be written as kohya files, got component {adapter.spec.component!r}")
-    ex = export_lora(adapter, rank, base, allow_dora=False, bake_scale=False)
+    ex = export_lora(adapter, rank, base, fmt="kohya", bake_scale=False)
     sd: dict[str, Tensor] = {}
     for lay in ex.layers:
         path = to_sgm(lay.info.name, layers_per_block) if arch == "sdxl" else lay.info.name

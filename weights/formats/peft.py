@@ -51,7 +51,7 @@ def save_peft(
     adapter: Adapter, folder: str | os.PathLike, *, rank: int | None = None, base: BaseWeights = None
 ) -> ConversionReport:
     """Write a peft adapter folder (each file atomically). Non-LoRA methods go through the SVD conversion."""
-    ex = export_lora(adapter, rank, base, allow_dora=True, bake_scale=False)
+    ex = export_lora(adapter, rank, base, fmt="peft", bake_scale=False)
     sd = {}
     for lay in ex.layers:
         k = f"{PREFIX}.{lay.info.name}"

@@ -50,6 +50,7 @@ class AdapterMethod:
     multiplicative: ClassVar[bool] = False  # effective weight depends on W beyond W + ΔW(params)
     has_bias_delta: ClassVar[bool] = False  # also changes the layer bias when merged (ARC)
     conv_1x1_only: ClassVar[bool] = False  # with supports_conv: only 1x1 kernels (math exact only there)
+    param_keys: ClassVar[tuple[str, ...]] = ()  # the AdapterSpec.params keys the method reads (cfg.get)
 
     # ---- per-layer pure functions -------------------------------------------------------------------
     def init_layer(self, W: Tensor, cfg: MethodConfig, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ def dora_scale(W: Tensor, p: dict[str, Tensor], cfg: MethodConfig) -> tuple[Tens
 
 class DoRA(AdapterMethod):
     name: ClassVar[str] = "dora"
+    param_keys: ClassVar[tuple[str, ...]] = ("init",)
     trainable: ClassVar[tuple[str, ...]] = ("A", "B", "magnitude")
     supports_conv: ClassVar[bool] = True
 

@@ -35,6 +35,7 @@ def init_lora_factors(
 
 class LoRA(AdapterMethod):
     name: ClassVar[str] = "lora"
+    param_keys: ClassVar[tuple[str, ...]] = ("init",)
     trainable: ClassVar[tuple[str, ...]] = ("A", "B")
     supports_conv: ClassVar[bool] = True
 

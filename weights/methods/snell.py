@@ -42,6 +42,7 @@ def kernel_delta(p: dict[str, Tensor]) -> Tensor:
 
 class SNELL(AdapterMethod):
     name: ClassVar[str] = "snell"
+    param_keys: ClassVar[tuple[str, ...]] = ("sparsity",)
     trainable: ClassVar[tuple[str, ...]] = ("a1", "a2", "b1", "b2")
     supports_conv: ClassVar[bool] = True
     zero_init: ClassVar[bool] = False

@@ -18,6 +18,7 @@ from .base import AdapterMethod, LayerOp, MethodConfig, as_matrix, like, lowrank
 
 class SVFit(AdapterMethod):
     name: ClassVar[str] = "svfit"
+    param_keys: ClassVar[tuple[str, ...]] = ("svd",)
     trainable: ClassVar[tuple[str, ...]] = ("sigma",)
     frozen: ClassVar[tuple[str, ...]] = ("sigma0", "U", "Vh")
     supports_conv: ClassVar[bool] = True
