@@ -273,7 +273,7 @@ def _check_export(spec, fmt: str, rank: int | None) -> None:
     raise ValueError(
         f"this checkpoint predicts {spec.method} adapters, whose conversion to {what} needs the base model's "
         f"weights, which predict does not load: use {works} (then `difflora adapter convert FILE OUT --to {fmt} "
-        "--base UNET_DIR` converts it)"
+        "--base MODEL_DIR` converts it)"
     )
 
 

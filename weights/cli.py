@@ -23,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=FORMAT_CHOICES, help="output format")
     conv.add_argument("--rank", type=int, default=None, help="LoRA rank of the output (default: the adapter's)")
     conv.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="kohya block naming (default from spec)")
-    conv.add_argument("--base", default=None, help="diffusers UNet folder (needed for multiplicative methods)")
+    conv.add_argument(
+        "--base",
+        default=None,
+        help="the base model's UNet, needed to convert multiplicative methods and DoRA: a diffusers pipeline folder, "
+        "its unet/ folder, or a model hub id",
+    )
     return ap
 
 
@@ -104,15 +109,33 @@ def _info(path: str, as_json: bool) -> int:
     return 0
 
 
+def load_base_unet(base: str):
+    """The UNet of ``base``: a diffusers pipeline folder (``unet/config.json``), a UNet folder (``config.json``), or
+    a model hub id ("org/name", a pipeline). ValueError naming ``--base`` for a local path that is neither."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(str(path))
+        if (path / "unet" / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
+        raise ValueError(
+            f"--base {base}: neither a diffusers pipeline folder (unet/config.json) nor a UNet folder (config.json)"
+        )
+    hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not path.exists()
+    if not hub_id:
+        raise ValueError(f"--base {base}: {'not a folder' if path.exists() else 'no such folder'}")
+    return UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+
+
 def _convert(a: argparse.Namespace) -> int:
     from .io import load_any, save_adapter
 
     ad = load_any(a.input)
-    base = None
-    if a.base:
-        from diffusers import UNet2DConditionModel
-
-        base = UNet2DConditionModel.from_pretrained(a.base)
+    base = load_base_unet(a.base) if a.base else None
     kw = {}
     if a.to == "kohya":
         kw["arch"] = a.arch or ("sdxl" if "xl" in ad.spec.base_model.lower() else "sd15")

@@ -110,3 +110,41 @@ def test_info_and_convert_read_adapters_with_integer_buffers(unet, tmp_path, cap
     back = {lay.name: dW for lay, dW, _ in layer_deltas(load_any(out))}
     for lay, dW, _ in layer_deltas(ad):
         torch.testing.assert_close(back[lay.name], dW, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_base_accepts_a_pipeline_or_unet_folder(tmp_path, capsys):
+    from tests.utils.tiny_pipes import tiny_sd15_pipe
+
+    pipe = tiny_sd15_pipe()
+    pipe.save_pretrained(tmp_path / "pipe")
+    ad = make_adapter(pipe.unet, "tlora", 4, targets=["to_q"], noise=1.0, seed=2)  # conversion needs the base
+    f = tmp_path / "t.safetensors"
+    save_adapter(ad, f)
+    outs = []
+    for base in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):
+        out = tmp_path / f"{base.name}.safetensors"
+        assert main(["convert", str(f), str(out), "--to", "diffusers", "--rank", "2", "--base", str(base)]) == 0
+        outs.append(load_any(out))
+    a, b = ([dW for _, dW, _ in layer_deltas(o)] for o in outs)  # LoRA outputs: ΔW needs no base
+    assert len(a) == len(b) == len(ad.spec.layers)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        ("{tmp}/nope", "--base {tmp}/nope: no such folder"),
+        ("{tmp}/t.safetensors", "--base {tmp}/t.safetensors: not a folder"),
+        ("{tmp}", "--base {tmp}: neither a diffusers pipeline folder (unet/config.json) nor a UNet folder"),
+        ("nope", "--base nope: no such folder"),
+    ],
+)
+def test_convert_bad_base_is_a_one_line_error(unet, tmp_path, capsys, base, message):
+    f = tmp_path / "t.safetensors"
+    save_adapter(make_adapter(unet, "tlora", 4, targets=["to_q"], seed=2), f)
+    base, message = base.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    assert main(["convert", str(f), str(tmp_path / "o.safetensors"), "--to", "kohya", "--base", base]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
