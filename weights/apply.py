@@ -138,8 +138,15 @@ def _restore_layer(cache: _ModelCache, name: str) -> None:
         o.version = w._version
     else:
         mod.weight.data = o.weight  # swap the original tensor back: no copy
+    _restore_bias(mod, o)
+
+
+def _restore_bias(mod: nn.Module, o: _Original) -> None:
+    """Put back a bias an adapter moved, and forget the copy: the next application takes the bias as it is then
+    (it may have been changed while no adapter was applied, like the weight)."""
     if o.bias is not None and mod.bias is not None:
         mod.bias.detach().copy_(o.bias)
+    o.bias = None
 
 
 def _restore_all(cache: _ModelCache) -> None:
@@ -212,6 +219,7 @@ def apply_adapter(
                     w = o.buf
                 p = layer_params[lay.name]
                 cache.touched.add(lay.name)
+                moved_bias = False
                 if fast_lora:
                     _merge_lora(w, o.weight, p, scale * cfg.scale)
                 elif fast_dora:
@@ -231,6 +239,9 @@ def apply_adapter(
                         db = method.bias_delta(Wf, p, cfg)  # (m,) or None
                         if db is not None:
                             _merge_bias(lay.name, mod, o, db, scale)
+                            moved_bias = True
+                if not moved_bias:
+                    _restore_bias(mod, o)  # a previous adapter (ARC) moved this layer's bias
                 if inplace:
                     o.version = w._version
                 elif not _same_tensor(live, w):

@@ -133,6 +133,38 @@ def test_external_change_while_restored_becomes_new_original(unet):
         w.mul_(2.0)
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("then", ["lora", "dora", "svfit"])
+def test_swap_from_arc_to_another_method_puts_the_bias_back(then, inplace):
+    unet = tiny_sd15_unet().eval()
+    snap = _snapshot(unet)
+    arc = make_adapter(unet, "arc", 4, targets=["to_out.0"], seed=3, noise=1.0)
+    other = make_adapter(unet, then, 4, targets=["to_out.0"], seed=4)
+    apply_adapter(unet, arc, inplace=inplace)
+    name = arc.spec.layers[0].name
+    assert not torch.equal(unet.get_submodule(name).bias, snap[name + ".bias"])  # ARC moved it
+    st = apply_adapter(unet, other, inplace=inplace)  # direct swap, no restore in between
+    assert torch.equal(unet.get_submodule(name).bias, snap[name + ".bias"])
+    torch.testing.assert_close(unet.get_submodule(name).weight.detach(), _expected(snap, other, name))
+    restore(unet, st)
+    _assert_bit_identical(unet, snap)
+
+
+def test_bias_changed_while_restored_becomes_new_original():
+    unet = tiny_sd15_unet().eval()
+    arc = make_adapter(unet, "arc", 4, targets=["to_out.0"], seed=3, noise=1.0)
+    name = arc.spec.layers[0].name
+    b = unet.get_submodule(name).bias
+    restore(unet, apply_adapter(unet, arc))
+    with torch.no_grad():
+        b.add_(1.0)  # e.g. a training step on the base model
+    new_bias = b.detach().clone()
+    st = apply_adapter(unet, arc)
+    assert not torch.equal(b.detach(), new_bias)
+    restore(unet, st)
+    assert torch.equal(b.detach(), new_bias)
+
+
 def test_safe_mode_rejects_non_finite_and_restores():
     model = tiny_sd15_unet(seed=4).half()
     snap = _snapshot(model)

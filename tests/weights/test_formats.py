@@ -233,3 +233,21 @@ def test_export_needs_base_predicts_what_save_does_without_base(method, fmt, ran
     else:
         save_adapter(ad, out, fmt, rank=rank)
         assert load_any(out).spec.method == ("dora" if keeps_dora(ad.spec, fmt, rank) else "lora")
+
+
+def test_mixed_ranks_without_alpha_load_at_scale_one_like_diffusers():
+    pipe = tiny_sd15_pipe()
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    names = [n for n, m in pipe.unet.named_modules() if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v"))][:3]
+    for name, r in zip(names, (4, 4, 8)):  # majority rank 4, one layer at rank 8, no alpha anywhere
+        w = pipe.unet.get_submodule(name).weight
+        sd[f"unet.{name}.lora_A.weight"] = 0.3 * torch.randn(r, w.shape[1], generator=g)
+        sd[f"unet.{name}.lora_B.weight"] = 0.3 * torch.randn(w.shape[0], r, generator=g)
+    ad = from_diffusers(sd, {})
+    for lay, dW, _ in layer_deltas(ad):
+        A, B = sd[f"unet.{lay.name}.lora_A.weight"], sd[f"unet.{lay.name}.lora_B.weight"]
+        torch.testing.assert_close(dW, B @ A, rtol=1e-5, atol=1e-6)  # scale 1, the rank-8 layer too
+    ours = _ours(pipe, ad)
+    pipe.load_lora_weights(sd)
+    assert np.abs(ours - run_pipe(pipe)).max() <= TOL

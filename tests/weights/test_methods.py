@@ -289,6 +289,25 @@ def test_snell_sparsity_and_large_quantile():
         m.init_layer(W, MethodConfig(rank=3))
 
 
+@pytest.mark.parametrize(("n", "s"), [(9, 0.5), (10, 0.25), (7, 0.5), (600, 0.5), (40, 0.3), (1000, 0.9)])
+def test_snell_threshold_is_torch_quantile(n, s):
+    from weights.methods.snell import quantile
+
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n)) - 0.5
+    t = torch.quantile(x.abs(), s)
+    torch.testing.assert_close(quantile(x.abs(), s), t)
+    expected = x * torch.nn.functional.threshold(x.abs(), float(t), 0.0)  # the reference's sparsify
+    torch.testing.assert_close(sparsify(x, s), expected)
+
+
+def test_snell_init_bound_is_the_references_stacked_fan_in():
+    m, n, r = 40, 30, 8
+    p = METHODS["snell"].init_layer(torch.randn(m, n), MethodConfig(rank=r), torch.Generator().manual_seed(0))
+    for name, fan_in in (("a1", n * r // 2), ("a2", n * r // 2), ("b1", m * r // 2), ("b2", m * r // 2)):
+        bound = fan_in**-0.5  # kaiming_uniform_(a=sqrt 5) on a (2, rows, r/2) tensor
+        assert p[name].abs().max() <= bound and p[name].abs().max() > 0.9 * bound
+
+
 def test_svfit_lowrank_init():
     W = torch.randn(40, 50)
     W[:, :3] += 5.0  # a dominant direction the randomized SVD must find

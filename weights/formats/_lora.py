@@ -98,7 +98,8 @@ def build_lora_adapter(
     """An Adapter (method lora or dora) from ``{module path: {"down", "up", ["magnitude"]}}`` in file layout.
 
     Per-layer scale alpha_l / r_l follows peft: explicit per-layer alpha, else ``alpha_pattern``, else
-    ``default_alpha``, else the majority rank. Ranks are padded with zeros to the largest; if scales differ
+    ``default_alpha``, else the majority rank; a file with no alpha at all has alpha_l = r_l (scale 1 everywhere,
+    as diffusers loads it). Ranks are padded with zeros to the largest; if scales differ
     between layers they are baked into B and the spec gets alpha = rank.
     """
     if not entries:
@@ -134,11 +135,12 @@ def build_lora_adapter(
     dora = all("magnitude" in e for e in entries.values())
     if not dora and any("magnitude" in e for e in entries.values()):
         raise AdapterFileError("DoRA magnitude vectors present for some layers only", "keys", path)
+    no_alpha = default_alpha is None and not alphas and not alpha_pattern
     scales = {}
     for name in entries:
         a = alphas.get(name)
         if a is None:
-            a = float(pattern_value(name, alpha_pattern or {}, g_alpha))
+            a = float(ranks[name]) if no_alpha else float(pattern_value(name, alpha_pattern or {}, g_alpha))
         scales[name] = a / ranks[name]
     uniform = len(set(scales.values())) == 1 and len(set(ranks.values())) == 1
     tensors: dict[str, Tensor] = {}

@@ -3,6 +3,9 @@
 Merged: W' = W (I + D diag(c) Dᵀ), bias' = bias + W b, so ΔW = W D diag(c) Dᵀ (multiplicative) and Δbias = W b.
 Shared params: one down-projection ``D`` (n, r) per input width n (a UNet has several widths), trainable,
 xavier-uniform; group key ``"d<n>"``. Per layer: ``c`` (r,), ``b`` (n,), zero init ⇒ ΔW = 0, Δbias = 0.
+Unlike the paper, ``c`` and ``b`` belong to each adapted layer, not to each site: where q, k and v (which read one
+normalised input) are all targeted, the paper ties their ``c`` and ``b``, and here each trains its own (a superset:
+r + n more values per extra layer). One ``D`` per width also serves the attention and MLP sites of equal width.
 Conv2d: 1x1 only (the input-side bias is not equivalent to a bias shift at zero-padded borders of k×k).
 """
 

@@ -124,10 +124,13 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device=None
     return torch.randn(shape, generator=generator, device=gdev).to(device)
 
 
-def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device=None) -> Tensor:
-    """kaiming_uniform_(a=sqrt(5)) as nn.Linear / peft LoRA A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in=shape[1]."""
+def kaiming_uniform(
+    shape: tuple[int, ...], generator: torch.Generator | None, device=None, fan_in: int | None = None
+) -> Tensor:
+    """kaiming_uniform_(a=sqrt(5)) as nn.Linear / peft LoRA A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in=shape[1]
+    unless given."""
     gdev = generator.device if generator is not None else device
-    bound = 1.0 / shape[1] ** 0.5
+    bound = 1.0 / (shape[1] if fan_in is None else fan_in) ** 0.5
     return ((torch.rand(shape, generator=generator, device=gdev) * 2 - 1) * bound).to(device)
 
 

@@ -6,7 +6,9 @@ z0 = D[:r]. W_res = W − c·P L_r diag(z0) Ū_r, hence ΔW = c·P L_r diag(z �
 
 Params per layer: ``z`` (r,) trainable (init z0, the reference ``lu`` init); frozen ``L`` (m, r), ``U`` (r, n_flat)
 (= Ū_r), ``z0`` (r,) and ``perm`` (m,) int64 row indices with (P X)[i] = X[perm[i]] — fixes the reference
-code's dense m×m fp32 P. c = cfg.scale (alpha / r; fixed, not trained). Conv2d: LU of the matrix view
+code's dense m×m fp32 P. c = cfg.scale (alpha / r; fixed, not trained): with alpha unset c = 1, as alpha = r in
+every method here, where the reference's ``from_linear`` has alpha = 1, c = 1/r (set alpha 1 for that); c scales
+how far a step on z moves ΔW, so the two differ in effective learning rate only. Conv2d: LU of the matrix view
 (fixes the reference's LU on the 4-D weight). Pivots |D_i| < 1e-12 keep Ū_i = U_i (no blow-up).
 """
 

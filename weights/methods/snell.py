@@ -3,13 +3,15 @@
 Kernel: two heads h = 1, 2 with ``a1``, ``a2`` (n_flat, r/2) and ``b1``, ``b2`` (m, r/2), all trainable;
 ΔW[j, i] = 0.1·‖a1_i − b1_j‖₂ − 0.1·‖a2_i − b2_j‖₂ (difference of two Euclidean-distance kernels).
 Competition-based sparsification with ratio s = ``params["sparsity"]`` (default 0.5): t = the s-quantile of
-|ΔW| found with torch.kthvalue (torch.quantile refuses > 2^24 elements), ΔŴ = ΔW ⊙ sg(|ΔW|·1[|ΔW| > t]);
-s = 0 gives the plain kernel ΔŴ = ΔW. Init: kaiming-uniform(a=sqrt 5) ⇒ ΔW ≠ 0 at init — the one documented
-exception (``zero_init = False``). Conv2d: matrix view (merged-weight forward). r must be even.
+|ΔW| with torch.quantile's interpolation, found with torch.kthvalue (torch.quantile refuses > 2^24 elements),
+ΔŴ = ΔW ⊙ sg(|ΔW|·1[|ΔW| > t]); s = 0 gives the plain kernel ΔŴ = ΔW. Init: kaiming-uniform(a=sqrt 5) of the
+heads stacked as the reference does (fan_in n·r/2 and m·r/2) ⇒ ΔW ≠ 0 at init — the one documented exception
+(``zero_init = False``). Conv2d: matrix view (merged-weight forward). r must be even.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -20,13 +22,23 @@ from .base import AdapterMethod, MethodConfig, kaiming_uniform, like
 KERNEL_COEFS = (0.1, -0.1)  # c_h of the two distance kernels (fixed, as the reference code)
 
 
+def quantile(x: Tensor, q: float) -> Tensor:
+    """``torch.quantile(x, q)`` (linear interpolation between order statistics) by kthvalue: no 2^24 size limit."""
+    flat = x.flatten()
+    pos = q * (flat.numel() - 1)
+    lo = math.floor(pos)
+    v = torch.kthvalue(flat, lo + 1).values  # () the (lo+1)-th smallest
+    if pos > lo:
+        v = v + (pos - lo) * (torch.kthvalue(flat, lo + 2).values - v)
+    return v
+
+
 def sparsify(dW: Tensor, sparsity: float) -> Tensor:
-    """ΔW ⊙ sg(|ΔW| · 1[|ΔW| > t]), t = the ``sparsity``-quantile of |ΔW| (kthvalue, no 2^24 limit)."""
+    """ΔW ⊙ sg(|ΔW| · 1[|ΔW| > t]), t = the ``sparsity``-quantile of |ΔW| (as the reference's torch.quantile)."""
     if sparsity <= 0:
         return dW
     mag = dW.detach().abs()
-    k = min(max(int(sparsity * mag.numel()), 1), mag.numel())
-    t = torch.kthvalue(mag.flatten(), k).values  # () threshold
+    t = quantile(mag, sparsity)  # () threshold
     return dW * (mag * (mag > t))
 
 
@@ -58,11 +70,12 @@ class SNELL(AdapterMethod):
     def init_layer(self, W: Tensor, cfg: MethodConfig, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         self.check_shape(tuple(W.shape), cfg)
         m, n, h = W.shape[0], W[0].numel(), cfg.rank // 2
+        # the reference inits the heads stacked, (2, n, r/2) and (2, m, r/2): kaiming's fan_in is n·r/2 and m·r/2
         return {
-            "a1": kaiming_uniform((n, h), generator, W.device),  # (n_flat, r/2)
-            "a2": kaiming_uniform((n, h), generator, W.device),
-            "b1": kaiming_uniform((m, h), generator, W.device),  # (m, r/2)
-            "b2": kaiming_uniform((m, h), generator, W.device),
+            "a1": kaiming_uniform((n, h), generator, W.device, fan_in=n * h),  # (n_flat, r/2)
+            "a2": kaiming_uniform((n, h), generator, W.device, fan_in=n * h),
+            "b1": kaiming_uniform((m, h), generator, W.device, fan_in=m * h),  # (m, r/2)
+            "b2": kaiming_uniform((m, h), generator, W.device, fan_in=m * h),
         }
 
     def delta(self, W: Tensor, p: dict[str, Tensor], cfg: MethodConfig) -> Tensor:

@@ -6,9 +6,10 @@ Q_e (n_e, R, R). Indices fold little-endian (i = i_1 + n_1 i_2 + n_1 n_2 i_3 + .
 
 Params per layer, all trainable: ``T0..`` (transform cores), ``P0..`` (output-side residual cores), ``Q0..``
 (input-side residual cores), D = 3 each. Widths are factorised into 3 factors, >= 2 where possible and
-most balanced first (320 = 5·8·8, 768 = 8·8·12); widths that do not split (primes) are padded with 1-wide
-cores, i.e. fall back to D = 1 (one dense core). Init: T_d[:, :, ρ, ρ'] = I/R ⇒ T = I; P0 = 0, other residual cores
-N(0, σ²), σ = sqrt(R) / (fan_in) with fan_in = width_d·R (μP-style) ⇒ Δ = 0, ΔW = 0.
+most balanced first (320 = 5·8·8 where the paper lists 4·8·10: fewer core values; 768 = 8·8·12); widths that do
+not split (primes) are padded with 1-wide cores, i.e. fall back to D = 1 (one dense core).
+Init: T_d[:, :, ρ, ρ'] = I/R ⇒ T = I; P0 = 0, other residual cores N(0, σ²), σ = sqrt(R) / (fan_in) with
+fan_in = width_d·R (μP-style) ⇒ Δ = 0, ΔW = 0.
 
 Conv2d (m, c, kh, kw): T acts on the c input channels (shared over kernel positions, n = c), Δ uses the
 (m, c*kh*kw) matrix view — a dense (c·kh·kw)² transform would be too large for 3×3 convs.
