@@ -86,6 +86,22 @@ def test_thousand_swaps_restore_bit_identical(dtype, inplace):
     _assert_bit_identical(model, snap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "swap"])
+def test_every_method_in_half_precision_swaps_and_restores_bit_identical(dtype, inplace):
+    model = tiny_sd15_unet(seed=4).to(dtype)
+    snap = _snapshot(model)
+    ads = [
+        make_adapter(model, m, 4, seed=i, noise=1.0, targets=ARC_TARGETS if m == "arc" else TARGETS)
+        for i, m in enumerate(sorted(METHODS))
+    ]
+    for rnd in range(3):  # every method after every other one, directly, at two scales
+        for i, ad in enumerate(ads):
+            apply_adapter(model, ad, scale=0.5 + 0.5 * ((i + rnd) % 2), inplace=inplace)
+    restore(model)
+    _assert_bit_identical(model, snap)
+
+
 def test_swap_to_subset_restores_untouched_layers(unet):
     snap = _snapshot(unet)
     a = make_adapter(unet, "lora", 2, seed=4, targets=["to_q", "to_k"])
