@@ -1,12 +1,17 @@
 """dlib backend: HOG detector, 5-point landmarks, ResNet 128-d descriptor (models from face-recognition-models).
 
-Works offline on a CPU. Small photos (ORL 92x112, LFW 150x150) are upsampled for detection; large ones are
-detected on a downscaled copy and landmarked at full resolution.
+Works offline on a CPU. The descriptor runs on a PyTorch port of dlib's ResNet (``recognizer="torch"``: weights
+read from the same .dat, same numbers to ~1e-6, ~20x faster than dlib's own net, which is built without BLAS and
+holds the GIL); ``recognizer="dlib"`` or ``num_jitters > 0`` use dlib's net. Small photos (ORL 92x112, LFW
+150x150) are upsampled for detection; large ones are detected on a downscaled copy and landmarked at full
+resolution.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,11 +20,14 @@ from PIL import Image
 
 from pipeline_data.faces.base import BackendUnavailableError, Face, FaceEncoder
 
-__all__ = ["DLIB_MODEL_FILES", "DlibEncoder", "find_dlib_models"]
+__all__ = ["DLIB_MODEL_FILES", "RECOGNIZERS", "DlibEncoder", "find_dlib_models"]
+
+log = logging.getLogger(__name__)
 
 LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 DLIB_MODEL_FILES = (LANDMARKS_FILE, RECOGNITION_FILE)
+RECOGNIZERS = ("torch", "dlib")  # the descriptor net: the PyTorch port of dlib's ResNet, or dlib's own
 
 # dlib's published threshold is Euclidean distance 0.6 on its raw descriptors, whose norm is ~1.4 (mean 1.45,
 # range 1.25-1.67 on the bench sample). On L2-normalised vectors d = NORM * sqrt(2 - 2 cos), so d = 0.6 <-> cos
@@ -73,6 +81,7 @@ class DlibEncoder(FaceEncoder):
         max_detect_pixels: int = 2_500_000,
         adjust_threshold: float = 0.0,
         num_jitters: int = 0,
+        recognizer: str = "torch",
     ) -> None:
         """
         Args:
@@ -81,8 +90,13 @@ class DlibEncoder(FaceEncoder):
             max_upsample: at most this many 2x upsamplings when no face is found (small photos).
             max_detect_pixels: never upsample beyond this many pixels.
             adjust_threshold: HOG detector threshold offset (negative finds more, less certain faces).
-            num_jitters: descriptor jitter (0 = one pass; 10 is ~1% more accurate and 10x slower).
+            num_jitters: descriptor jitter (0 = one pass; 10 is ~1% more accurate and 10x slower). Jitter is
+                dlib's random augmentation, so ``num_jitters > 0`` always runs dlib's own net.
+            recognizer: ``"torch"`` (PyTorch port of dlib's ResNet, same descriptors, much faster; falls back to
+                dlib's net with a warning if the .dat cannot be converted) or ``"dlib"`` (dlib's own net).
         """
+        if recognizer not in RECOGNIZERS:
+            raise ValueError(f"unknown recognizer {recognizer!r}; choose one of {', '.join(RECOGNIZERS)}")
         super().__init__()
         try:
             import dlib
@@ -92,7 +106,20 @@ class DlibEncoder(FaceEncoder):
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(self.model_dir / LANDMARKS_FILE))
-        self._rec = dlib.face_recognition_model_v1(str(self.model_dir / RECOGNITION_FILE))
+        self._rec = None  # dlib's own descriptor net, loaded on first use (recognizer="dlib" or jitter)
+        self._torch_rec = None
+        self._torch_lock = threading.Lock()  # one forward at a time (torch threads), concurrent with dlib calls
+        if recognizer == "torch":
+            from pipeline_data.faces.dlib_resnet import DlibFaceResNet
+
+            try:
+                self._torch_rec = DlibFaceResNet.from_dat(self.model_dir / RECOGNITION_FILE)
+            except Exception as e:  # an unexpected .dat layout (ValueError) or anything else: dlib still works
+                log.warning("dlib face backend: the PyTorch descriptor net cannot be built, using dlib's: %s", e)
+                recognizer = "dlib"
+        self.recognizer = recognizer
+        if recognizer == "dlib":
+            self._dlib_rec()
         self.detect_max_side = detect_max_side
         self.max_upsample = max_upsample
         self.max_detect_pixels = max_detect_pixels
@@ -157,10 +184,23 @@ class DlibEncoder(FaceEncoder):
     def _recognition_chip(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         return self.align(rgb, face, size=self.chip_size, padding=0.25)
 
+    def _dlib_rec(self):
+        """dlib's own ResNet (loaded once, under the lock)."""
+        with self._lock:
+            if self._rec is None:
+                self._rec = self._dlib.face_recognition_model_v1(str(self.model_dir / RECOGNITION_FILE))
+            return self._rec
+
     def _embed_chips(self, chips: Sequence[np.ndarray]) -> np.ndarray:
         chips = [np.ascontiguousarray(c, dtype=np.uint8) for c in chips]
+        if self._torch_rec is not None and self.num_jitters <= 0:
+            if not chips:
+                return np.zeros((0, self.dim), np.float32)
+            with self._torch_lock:  # torch releases the GIL: detection (self._lock) can run meanwhile
+                return self._torch_rec.embed(chips)
+        rec = self._dlib_rec()
         with self._lock:
-            vecs = self._rec.compute_face_descriptor(chips, self.num_jitters)
+            vecs = rec.compute_face_descriptor(chips, self.num_jitters)
         return np.array([np.asarray(v, dtype=np.float32) for v in vecs], dtype=np.float32).reshape(len(chips), -1)
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
