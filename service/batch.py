@@ -82,15 +82,18 @@ def _bad_args(args: argparse.Namespace) -> str | None:
         GenerateRequest.model_validate(
             {"prompt": "x", **{k: getattr(args, k) for k in _REQUEST_FLAGS if getattr(args, k) is not None}}
         )
-        check_device(args.device)
-    except ValidationError as e:
+    except ValidationError as e:  # a ValueError too: caught first
         err = e.errors()[0]
         return f"{_REQUEST_FLAGS[err['loc'][0]]}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']}"
     except ValueError as e:
-        return str(e) if str(e).startswith("--") else f"--device: {e}"
+        return str(e)
     top = PRESET_SIZES[args.preset][1]
     if args.size is not None and not (8 <= args.size <= top and args.size % 8 == 0):
         return f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset, got {args.size}"
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return f"--device: {e}"
     return None
 
 

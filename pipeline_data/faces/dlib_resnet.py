@@ -36,6 +36,11 @@ Layer = tuple  # ("con", filters, size, stride) | ("affine",) | ("relu",) | pool
 _SPECIAL_EXP = {32000: np.inf, 32001: -np.inf, 32002: np.nan}  # dlib float_details is_inf / is_ninf / is_nan
 
 
+def _pad(size: int, stride: int) -> int:
+    """dlib's default padding of a con or pool layer: 0 when strided, else ``size // 2``."""
+    return 0 if stride != 1 else size // 2
+
+
 def _ares(n: int, down: bool) -> list[Layer]:
     """``ares<n>`` or ``ares_down<n>`` from input side to output side."""
     head: list[Layer] = [("tag", 1), ("con", n, 3, 2 if down else 1), ("affine",), ("relu",)]
@@ -131,7 +136,7 @@ def _read_layer(r: _Reader, layer: Layer, cin: int) -> tuple[dict[str, np.ndarra
         _, n, k, stride = layer
         version = r.version("con_4", "con_5")
         params = r.tensor().reshape(-1)
-        pad = 0 if stride != 1 else k // 2
+        pad = _pad(k, stride)
         r.expect("con (filters, nr, nc, strides, paddings)", r.ints(7), (n, k, k, stride, stride, pad, pad))
         r.expect("con filter shape", r.alias(), (n, cin, k, k))
         r.expect("con bias shape", r.alias(), (1, n, 1, 1))
@@ -151,7 +156,7 @@ def _read_layer(r: _Reader, layer: Layer, cin: int) -> tuple[dict[str, np.ndarra
     if kind in ("max_pool", "avg_pool"):
         _, size, stride = layer
         r.version(f"{kind}_2")
-        pad = 0 if stride != 1 else size // 2
+        pad = _pad(size, stride)
         r.expect(f"{kind} (nr, nc, strides, paddings)", r.ints(6), (size, size, stride, stride, pad, pad))
         return {}, cin
     if kind == "relu":
@@ -246,7 +251,6 @@ class DlibFaceResNet(nn.Module):
     def __init__(self, weights: dict[str, np.ndarray]) -> None:
         super().__init__()
         convs: list[nn.Conv2d] = []
-        specs: list[tuple[int, int]] = []  # (stride, padding) of each con
         layers = architecture()
         for i, layer in enumerate(layers):
             if layer[0] == "con":
@@ -254,14 +258,15 @@ class DlibFaceResNet(nn.Module):
                 g, beta = weights[f"L{i + 1}.gamma"], weights[f"L{i + 1}.beta"]  # the affine right after it
                 n, cin, k, _ = w.shape
                 stride = layer[3]
-                conv = nn.Conv2d(cin, n, k, stride, 0 if stride != 1 else k // 2)
+                conv = nn.Conv2d(cin, n, k, stride, _pad(k, stride))
                 conv.weight.data = torch.from_numpy(w * g[:, None, None, None])
                 conv.bias.data = torch.from_numpy(b * g + beta)
                 convs.append(conv)
-                specs.append((stride, conv.padding[0]))
         self.register_buffer("mean", torch.from_numpy(weights["mean"].copy()).view(1, 3, 1, 1))
         self.stem = convs[0]
-        self.blocks = nn.ModuleList(_Block(convs[j], convs[j + 1], specs[j][0] == 2) for j in range(1, len(convs), 2))
+        self.blocks = nn.ModuleList(
+            _Block(convs[j], convs[j + 1], convs[j].stride[0] == 2) for j in range(1, len(convs), 2)
+        )
         fc = next(i for i, layer in enumerate(layers) if layer[0] == "fc")
         self.fc = nn.Linear(*weights[f"L{fc}.weight"].shape[::-1], bias=False)
         self.fc.weight.data = torch.from_numpy(weights[f"L{fc}.weight"].copy())
