@@ -4,7 +4,9 @@ adapter with the dataset recipe, in one process on one machine. Also batched hyp
     .venv/bin/python bench/personalize.py [--base tiny] [--checkpoint assets/tiny/hypernet] [--photos DIR]
     .venv/bin/python bench/personalize.py --base sd15-random --time-steps 2 --train-batch 2
 
-Writes bench/results/personalize.json (sd15-random: personalize_sd15.json) and prints a table.
+Writes bench/results/personalize.json (sd15-random: personalize_sd15.json) and prints a table, with the face stages
+of the hypernet path timed apart (decode, detection with landmarks, chips, descriptor net) beside the budget a 200x
+end-to-end speedup leaves (fine-tune seconds / 200).
 
 ``sd15-random`` is SD 1.5's architecture with random weights (scripts/gpu_smoke.py) and an untrained ``sd15``-preset
 hypernet: timing only. Training it for the recipe's steps on a CPU takes hours, so ``--time-steps N`` trains 1 + N
@@ -48,6 +50,25 @@ def _recipe(checkpoint: Path, base: str) -> BuildConfig:
         flags = json.loads(path.read_text())
         return BuildConfig.from_dict({k.lstrip("-").replace("-", "_"): v for k, v in flags.items()} | {"base": base})
     return BuildConfig(base=base)
+
+
+def _face_stages(encoder, blobs: list[bytes], reps: int) -> dict[str, float]:
+    """Median seconds of each stage of ``embed_many`` on the photos, timed apart through the encoder's public API:
+    decode, detect (with landmarks), aligned recognition chips, descriptor net (one batch)."""
+    times: dict[str, list[float]] = {k: [] for k in ("decode", "detect_landmarks", "chips", "descriptor")}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        rgbs = [encoder.load_rgb(b) for b in blobs]
+        t1 = time.perf_counter()
+        faces = [max(encoder.detect(rgb), key=lambda f: f.area) for rgb in rgbs]
+        t2 = time.perf_counter()
+        chips = [encoder.align(rgb, f, size=encoder.chip_size, padding=0.25) for rgb, f in zip(rgbs, faces)]
+        t3 = time.perf_counter()
+        encoder.embed_images_as_faces(chips)
+        t4 = time.perf_counter()
+        for k, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            times[k].append(b - a)
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor.predict(embs)  # sample + decode
         t_pred.append(time.perf_counter() - t0)
         t_model.append(time.perf_counter() - t1)
+
+    stages = _face_stages(encoder, blobs, args.reps)
 
     # the fine-tuning baseline: the dataset recipe on the same photos (decode, embed, filter, crop, train)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -159,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_model_hypernet": round(model, 4),
         "seconds_model_finetune": round(t_train_model, 2),
         "speedup_model_time": round(t_train_model / model, 1),
+        # where the hypernet path's time goes (the face stages timed apart, same photos), and the most it may take
+        # for a 200x end-to-end speedup against this fine-tune
+        "seconds_face_stages": stages,
+        "seconds_budget_200x": round(t_train / 200, 4),
         "identities_per_second": throughput,
         "adapter_values": sum(t.numel() for t in warm.tensors.values()),
         **timing,
@@ -171,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'photos -> adapter (fine-tune)':<34}{t_train:>10.2f}")
     print(f"{'model time: hypernet sample':<34}{model:>10.3f}")
     print(f"{'model time: adapter training':<34}{t_train_model:>10.2f}")
+    for k, v in stages.items():
+        print(f"{'  face stage: ' + k:<34}{v:>10.3f}")
+    print(f"{'budget for 200x end to end':<34}{t_train / 200:>10.3f}")
     if timing:
         print(f"(training extrapolated: set-up {timing['seconds_setup']} s + {recipe.steps} steps x "
               f"{recipe.batch_size} images x {timing['seconds_per_image_step']} s)")  # fmt: skip

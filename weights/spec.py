@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SPEC_VERSION = 1
@@ -63,9 +64,11 @@ class AdapterSpec:
         raise KeyError(f"layer {name!r} is not targeted by this adapter")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # field by field, not dataclasses.asdict: its deep recursion into every LayerInfo took ~5 ms per call for
+        # SD-size layer lists, and predict() hashes the spec on every call
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "layers"}
         d["layers"] = [{"name": lay.name, "shape": list(lay.shape), "kind": lay.kind} for lay in self.layers]
-        return d
+        return {f.name: d[f.name] for f in fields(self)}  # field order, as asdict gave
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,7 +1,7 @@
 """``difflora faces``: embed photos and check identity consistency.
 
-    difflora faces embed PHOTO... [--backend dlib|insightface] [--model-dir DIR] [--json]
-    difflora faces check DIR [--backend ...] [--json] [--max-photos N] [--no-progress]
+    difflora faces embed PHOTO... [--backend dlib|insightface] [--model-dir DIR] [--recognizer torch|dlib] [--json]
+    difflora faces check DIR [--backend ...] [--recognizer ...] [--json] [--max-photos N] [--no-progress]
 
 ``embed`` prints one JSON object per photo and one for the identity with ``--json`` (else a table); it exits 1 when
 any photo gave no embedding. ``check`` reports each identity sub-folder of DIR (photos, failed, outliers,
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline_data.cliargs import nonnegative_int
 from pipeline_data.faces import BACKENDS, BackendUnavailableError, get_encoder
+from pipeline_data.faces.dlib_backend import RECOGNIZERS
 from pipeline_data.faces.identity import build_identity
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
@@ -44,13 +45,28 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
         s.add_argument("--backend", choices=sorted(BACKENDS), default="dlib", help="face backend (default dlib)")
         s.add_argument("--model-dir", type=Path, default=None, help="backend model folder (insightface pack)")
+        s.add_argument(
+            "--recognizer", choices=RECOGNIZERS, default=None,
+            help="dlib backend's descriptor net: torch (default; the PyTorch port, same descriptors, faster) or "
+            "dlib (dlib's own)",
+        )  # fmt: skip
         s.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     return p
 
 
 def _encoder(args):
     kw = {} if args.model_dir is None else {"model_dir": args.model_dir}
+    if args.recognizer is not None:
+        if args.backend != "dlib":
+            raise _ArgError(f"difflora faces {args.cmd}: --recognizer applies to the dlib backend, not {args.backend}")
+        kw["recognizer"] = args.recognizer
     return get_encoder(args.backend, **kw)
+
+
+def _label(enc) -> str:
+    """``dlib (torch net)`` / ``insightface``: the backend, and the dlib backend's descriptor net."""
+    rec = getattr(enc, "recognizer", None)
+    return enc.name if rec is None else f"{enc.name} ({rec} net)"
 
 
 def _photos_in(d: Path) -> list[Path]:
@@ -84,7 +100,7 @@ def _embed(args) -> int:
         if ident.embedding is not None:
             print(
                 f"identity: {len(ident.inliers)} of {len(ident.photos)} photos used, consistency "
-                f"{ident.consistency:.3f} ({enc.name}, threshold {enc.threshold:.3f})"
+                f"{ident.consistency:.3f} ({_label(enc)}, threshold {enc.threshold:.3f})"
                 + ("" if ident.consistent else ", NOT consistent")
             )
     for ph in ident.photos:
@@ -138,7 +154,7 @@ def _check(args) -> int:
                 print(f"{''.ljust(w)}    outlier {ident.photos[i].name}: {ident.photos[i].reason}")
     print(
         f"{len(reports)} identities, {total} photos: {n_fail} without a face embedding, {n_out} outliers, "
-        f"{sum(not i.consistent for _, i in reports)} inconsistent ({enc.name}, threshold {enc.threshold:.3f})",
+        f"{sum(not i.consistent for _, i in reports)} inconsistent ({_label(enc)}, threshold {enc.threshold:.3f})",
         file=sys.stderr,
     )
     return 0

