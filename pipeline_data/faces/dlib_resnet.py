@@ -270,7 +270,7 @@ class DlibFaceResNet(nn.Module):
         fc = next(i for i, layer in enumerate(layers) if layer[0] == "fc")
         self.fc = nn.Linear(*weights[f"L{fc}.weight"].shape[::-1], bias=False)
         self.fc.weight.data = torch.from_numpy(weights[f"L{fc}.weight"].copy())
-        # NHWC convolutions: 1.38x faster for one chip, 1.07x for ten (2 threads, this CPU), same numbers to 1e-7
+        # NHWC convolutions: 1.38x faster for one chip, 1.07x for ten (2 threads, AVX2 EPYC), same numbers to 1e-7
         self.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
     @classmethod
