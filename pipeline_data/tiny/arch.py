@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from pipeline_data.tiny.crops import CROP_SIZE
+from pipeline_data.tiny.crops import ALL_DATASETS, CROP_SIZE, DATASETS
 
 
 @dataclass
 class VAEConfig:
-    """AutoencoderKL: 64x64 RGB <-> 16x16x4 latent (4x downsampling)."""
+    """AutoencoderKL: RGB crops <-> latents (v1: 64x64 <-> 16x16x4, 4x downsampling; v2: 128x128 <-> 16x16x8, 8x)."""
 
     block_out_channels: tuple[int, ...] = (16, 32, 64)  # one block per level; len-1 = number of 2x downsamples
     layers_per_block: int = 1  # resnets per encoder block (decoder gets one more)
@@ -67,6 +67,29 @@ class TinyConfig:
     threads: int = 1  # torch.set_num_threads (1 beats 2 on a 2-core machine shared with other jobs)
     checkpoint_every_s: float = 180.0  # seconds between checkpoints
     max_photos: int | None = None  # keep an evenly spaced subset of photos (tests)
+    crop_size: int = CROP_SIZE  # side of the aligned training crops in pixels (= the model's image resolution)
+    datasets: tuple[str, ...] = DATASETS  # identity-folder datasets under the faces root that are trained on
+
+
+def _v2() -> TinyConfig:
+    """128x128 faces through an 8x VAE (the UNet still sees 16x16 latents), trained on every non-eval photo."""
+    return TinyConfig(
+        vae=VAEConfig(block_out_channels=(16, 32, 64, 64), latent_channels=8, steps=1500, batch_size=8),
+        unet=replace(UNetConfig(), steps=5500),
+        crop_size=128,
+        datasets=ALL_DATASETS,
+    )
+
+
+# Named architectures of the tiny base (``difflora tiny pretrain --preset``); v1 is the one bundled until v2 wins.
+TINY_PRESETS = {"v1": TinyConfig, "v2": _v2}
+
+
+def tiny_preset(name: str) -> TinyConfig:
+    """A fresh config of the named preset (KeyError names the known ones)."""
+    if name not in TINY_PRESETS:
+        raise KeyError(f"unknown tiny preset {name!r} (known: {', '.join(TINY_PRESETS)})")
+    return TINY_PRESETS[name]()
 
 
 # SD 1.x noise schedule
@@ -78,7 +101,7 @@ SCHEDULER_KW = {
 }
 
 
-def build_vae(cfg: VAEConfig):
+def build_vae(cfg: VAEConfig, sample_size: int = CROP_SIZE):
     from diffusers import AutoencoderKL
 
     n = len(cfg.block_out_channels)
@@ -91,7 +114,7 @@ def build_vae(cfg: VAEConfig):
         layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.norm_num_groups,
-        sample_size=CROP_SIZE,
+        sample_size=sample_size,
         scaling_factor=1.0,
         mid_block_add_attention=False,
     )

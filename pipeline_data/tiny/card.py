@@ -15,10 +15,16 @@ def model_card(info: dict) -> str:
     data = info.get("data", {})
     params = info.get("params", {})
     minutes = (v.get("elapsed_s", 0.0) + info.get("unet_seconds", 0.0)) / 60
+    size = cfg.get("crop_size", 64)  # absent in v1 exports
+    levels = len(vae.get("block_out_channels") or (0, 0, 0))
+    down, lat = 2 ** (levels - 1), vae.get("latent_channels", 4)
+    shape = f"{size // down}x{size // down}x{lat}"
+    sets = {"lfw": "LFW", "celeba": "CelebA", "orl": "ORL", "lfw_few": "LFW's 1-3-photo people"}
+    sources = ", ".join(sets.get(d, d) for d in cfg.get("datasets", ("lfw", "celeba", "orl")))
     rows = "\n".join(
         [
             f"| VAE | AutoencoderKL, blocks {vae.get('block_out_channels')}, 1 resnet per block, no mid attention, "
-            f"4x down to 16x16x4 | {_count(params.get('vae'))} |",
+            f"{down}x down to {shape} | {_count(params.get('vae'))} |",
             f"| text encoder | CLIPTextModel, width {text.get('hidden_size')}, "
             f"{text.get('num_hidden_layers')} layers, "
             f"{text.get('num_attention_heads')} heads; our own BPE tokenizer (vocab.json + merges.txt, 77 tokens) "
@@ -37,8 +43,8 @@ pipeline_tag: text-to-image
 
 # difflora tiny face base model
 
-A small Stable-Diffusion-architecture model (64x64 px, 16x16x4 latents) that generates aligned face crops. It is
-the embedded default of [difflora](../../../README.md): it lets the service, the adapter dataset build and the
+A small Stable-Diffusion-architecture model ({size}x{size} px, {shape} latents) that generates aligned face crops.
+It is the embedded default of [difflora](../../../README.md): it lets the service, the adapter dataset build and the
 hypernetwork run on a CPU with no model hub. It is **not** a general text-to-image model: it only knows
 "a photo of a person" and a few variants ("a portrait photo of a person", "a black and white photo of a person").
 
@@ -47,7 +53,7 @@ Load it with stock diffusers:
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("assets/tiny/base", local_files_only=True)
-image = pipe("a photo of a person", num_inference_steps=25, guidance_scale=3.0).images[0]  # 64x64
+image = pipe("a photo of a person", num_inference_steps=25, guidance_scale=3.0).images[0]  # {size}x{size}
 ```
 
 ## Terms: non-commercial research and demo use only
@@ -60,9 +66,9 @@ research and demonstrations only. No photo is distributed with them.
 
 ## Training data
 
-* {_count(data.get("crops"))} aligned 64x64 crops (dlib HOG detector, 5-point landmarks, `get_face_chip`,
-  padding 0.3, aligned at 128 px and box-downsampled) of {_count(data.get("identities"))} identities from LFW,
-  CelebA and ORL (photos without a detectable face skipped), plus their mirror images.
+* {_count(data.get("crops"))} aligned {size}x{size} crops (dlib HOG detector, 5-point landmarks, `get_face_chip`,
+  padding 0.3, aligned at {2 * size} px and box-downsampled) of {_count(data.get("identities"))} identities from
+  {sources} (photos without a detectable face skipped), plus their mirror images.
 * The identities of the reserved **eval** split (`pipeline_data/splits.py`, ~12 % by a hash of
   `<dataset>/<identity>`) were excluded, so hypernetwork evaluation uses people this model has never seen.
 * Captions: "a photo of a person" and 4 colour variants; greyscale photos get "a black and white ... of a

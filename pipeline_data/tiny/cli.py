@@ -14,9 +14,9 @@ from pathlib import Path
 
 
 def _config(args: argparse.Namespace):
-    from pipeline_data.tiny.arch import TinyConfig
+    from pipeline_data.tiny.arch import tiny_preset
 
-    cfg = TinyConfig()
+    cfg = tiny_preset(args.preset)
     if args.vae_steps is not None:
         cfg.vae.steps = args.vae_steps
     if args.unet_steps is not None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         positive_int,
     )
     from pipeline_data.models import TINY_BASE
-    from pipeline_data.tiny.arch import TinyConfig
+    from pipeline_data.tiny.arch import TINY_PRESETS, TinyConfig
     from pipeline_data.tiny.folders import FolderRefusedError
 
     d = TinyConfig()
@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out", required=True, help="output diffusers folder: new, empty or an earlier export")
     pre.add_argument("--work", default="runs/tiny-pretrain", help="checkpoints and logs (default: %(default)s)")
     pre.add_argument("--cache", default="cache/tiny", help="face-crop cache directory (default: %(default)s)")
+    pre.add_argument(
+        "--preset",
+        choices=sorted(TINY_PRESETS),
+        default="v1",
+        help="architecture: v1 = 64x64 through a 4x VAE; v2 = 128x128 through an 8x VAE on every photo "
+        "(default %(default)s)",
+    )
     pre.add_argument("--vae-steps", type=positive_int, help=f"VAE optimisation steps (default {d.vae.steps})")
     pre.add_argument("--unet-steps", type=positive_int, help=f"UNet optimisation steps (default {d.unet.steps})")
     pre.add_argument("--batch-size", type=positive_int, help="batch size for both VAE and UNet")
@@ -106,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
             raw = json.loads((Path(args.work) / "config.json").read_text())
             try:
+                extra = {k: raw[k] for k in ("crop_size", "datasets") if k in raw}  # absent in v1 work folders
                 cfg = TinyConfig(
-                    vae=VAEConfig(**raw["vae"]), text=TextConfig(**raw["text"]), unet=UNetConfig(**raw["unet"])
+                    vae=VAEConfig(**raw["vae"]),
+                    text=TextConfig(**raw["text"]),
+                    unet=UNetConfig(**raw["unet"]),
+                    **extra,
                 )
             except (KeyError, TypeError):
                 raise ValueError(f"{args.work} is not a tiny pretrain work folder (unexpected config.json)") from None

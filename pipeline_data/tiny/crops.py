@@ -29,7 +29,8 @@ from pipeline_data.splits import split_of
 CROP_SIZE = 64  # side of the training crops in pixels
 CROP_PADDING = 0.3  # dlib get_face_chip padding: 0.3 keeps hair and the face outline
 CHIP_OVERSAMPLE = 2  # align at 2x then box-downsample: less aliasing than aligning at 64 directly
-DATASETS = ("lfw", "celeba", "orl")  # identity-folder datasets under the faces root used for the base model
+DATASETS = ("lfw", "celeba", "orl")  # identity-folder datasets under the faces root used for the v1 base model
+ALL_DATASETS = (*DATASETS, "lfw_few")  # v2 also trains on the 1-3-photo people of lfw_few/
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".pgm", ".bmp", ".webp")
 DETECT_MAX_SIDE = 800  # photos are downscaled to this before detection (retry at full size if no face)
 
@@ -165,17 +166,17 @@ def crop_photo(
     return align_crop(rgb, shape, size, padding), grey
 
 
-def _work(item: tuple[str, str, str]):
-    ds, ident, path = item
+def _work(item: tuple[str, str, str, int]):
+    ds, ident, path, size = item
     try:
-        res = crop_photo(path)
+        res = crop_photo(path, size)
     except (OSError, ValueError):
         return item, None
     return item, res
 
 
-def _cache_key(photos: list[tuple[str, str, Path]]) -> str:
-    h = hashlib.sha256(f"{CROP_SIZE}/{CROP_PADDING}/{CHIP_OVERSAMPLE}/v1".encode())
+def _cache_key(photos: list[tuple[str, str, Path]], size: int) -> str:
+    h = hashlib.sha256(f"{size}/{CROP_PADDING}/{CHIP_OVERSAMPLE}/v1".encode())
     for ds, ident, p in photos:
         h.update(f"{ds}/{ident}/{p.name}\n".encode())
     return h.hexdigest()[:16]
@@ -187,25 +188,27 @@ def build_crops(
     max_photos: int | None = None,
     workers: int = 2,
     progress: bool = True,
+    size: int = CROP_SIZE,
+    datasets: tuple[str, ...] = DATASETS,
 ) -> tuple[np.ndarray, list[CropRecord]]:
-    """Crop every non-eval photo under ``faces_root`` (cached under ``cache_dir``).
+    """Crop every non-eval photo of ``datasets`` under ``faces_root`` (cached under ``cache_dir``).
 
-    Returns ``(crops, records)``: crops is (N, 64, 64, 3) uint8, records[i] describes crops[i].
+    Returns ``(crops, records)``: crops is (N, size, size, 3) uint8, records[i] describes crops[i].
     ``max_photos`` keeps an evenly spaced subset (for tests).
     """
-    photos = list_photos(faces_root)
+    photos = list_photos(faces_root, datasets)
     if not photos:
-        raise ValueError(f"no photos of non-eval identities under {faces_root} (expected {'/'.join(DATASETS)}/<id>/)")
+        raise ValueError(f"no photos of non-eval identities under {faces_root} (expected {'/'.join(datasets)}/<id>/)")
     if max_photos is not None and len(photos) > max_photos:
         idx = np.linspace(0, len(photos) - 1, max_photos).round().astype(int)
         photos = [photos[i] for i in sorted(set(idx.tolist()))]
-    cache = Path(cache_dir) / f"crops-{_cache_key(photos)}"
+    cache = Path(cache_dir) / f"crops-{_cache_key(photos, size)}"
     arr_path, meta_path = cache / "crops.npy", cache / "crops.json"
     if arr_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return np.load(arr_path, allow_pickle=False), [CropRecord(**m) for m in meta["records"]]
 
-    items = [(ds, ident, str(p)) for ds, ident, p in photos]
+    items = [(ds, ident, str(p), size) for ds, ident, p in photos]
     crops: list[np.ndarray] = []
     records: list[CropRecord] = []
     missed = 0
@@ -218,7 +221,7 @@ def build_crops(
     else:
         pool, results = None, map(_work, items)
     try:
-        for (ds, ident, path), res in results:
+        for (ds, ident, path, _), res in results:
             bar.update(1)
             if res is None:
                 missed += 1

@@ -68,7 +68,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def _to_tensor(crops: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, 64, 64) in [-1, 1]
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, S, S) in [-1, 1]
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +88,7 @@ def train_vae(cfg: TinyConfig, images: torch.Tensor, val: torch.Tensor, work: Pa
         return AutoencoderKL.from_pretrained(str(final))
     vc = cfg.vae
     torch.manual_seed(cfg.seed)
-    vae = build_vae(vc)
+    vae = build_vae(vc, cfg.crop_size)
     opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, elapsed = 0, 0.0
@@ -110,14 +110,14 @@ def train_vae(cfg: TinyConfig, images: torch.Tensor, val: torch.Tensor, work: Pa
     last_ck, t0, run = time.time(), time.time() - elapsed, None
     while step < vc.steps:
         idx = torch.randint(0, images.shape[0], (vc.batch_size,), generator=gen)
-        x = images[idx]  # (B, 3, 64, 64)
+        x = images[idx]  # (B, 3, S, S)
         flip = torch.rand(vc.batch_size, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         for g in opt.param_groups:
             g["lr"] = vc.lr * _lr_factor(step, vc.warmup, vc.steps)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)  # (B, 4, 16, 16)
-        rec = vae.decode(z).sample  # (B, 3, 64, 64)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)  # (B, C, 16, 16)
+        rec = vae.decode(z).sample  # (B, 3, S, S)
         l1 = (rec - x).abs().mean()
         edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
@@ -341,9 +341,13 @@ def train_unet(
 
 def _check_config(cfg: TinyConfig, work: Path, resume: bool) -> None:
     path = work / "config.json"
-    new = asdict(cfg)
+    new = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the file has them
     if resume and path.is_file():
         old = json.loads(path.read_text())
+        default = json.loads(json.dumps(asdict(TinyConfig())))  # work folders older than these keys are v1
+        for key in ("crop_size", "datasets"):
+            if old.get(key, default[key]) != new[key]:
+                raise ValueError(f"--resume with a different {key} than {path}: {old.get(key)} != {new[key]}")
         for part in ("vae", "text", "unet"):
             a = {k: v for k, v in old[part].items() if k != "steps"}
             b = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new[part].items() if k != "steps"}
@@ -373,7 +377,9 @@ def pretrain(
     torch.set_num_threads(cfg.threads)
     _check_config(cfg, work, resume)
     t0 = time.time()
-    crops, records = build_crops(faces, cache_dir, max_photos=cfg.max_photos, progress=progress)
+    crops, records = build_crops(
+        faces, cache_dir, max_photos=cfg.max_photos, progress=progress, size=cfg.crop_size, datasets=cfg.datasets
+    )
     _log(
         work,
         {

@@ -175,6 +175,37 @@ def test_pretrain_smoke_resume_and_stock_diffusers_load(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "wa").iterdir()] == ["notes.txt"]
 
 
+@needs_faces
+def test_v2_shape_pretrain_exports_128px_through_an_8x_vae(tmp_path: Path) -> None:
+    """The v2 preset's shape (128x128 crops, 8x VAE, 8 latent channels, lfw_few included) at toy sizes."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline_data.tiny.arch import tiny_preset
+    from pipeline_data.tiny.pretrain import pretrain
+
+    v2 = tiny_preset("v2")
+    assert v2.crop_size == 128 and "lfw_few" in v2.datasets and len(v2.vae.block_out_channels) == 4
+    small = _small_cfg(2)
+    cfg = replace(
+        small,
+        crop_size=v2.crop_size,
+        datasets=v2.datasets,
+        vae=replace(small.vae, block_out_channels=(8, 8, 16, 16), latent_channels=v2.vae.latent_channels),
+    )
+    faces = _small_faces(tmp_path / "faces")
+    out = pretrain(faces, tmp_path / "o", tmp_path / "w", cfg, cache_dir=tmp_path / "c", progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.unet.config.sample_size == 16 and pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 8
+    img = pipe("a photo of a person", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 128, 128, 3) and np.isfinite(img).all()
+    card = (out / "README.md").read_text()
+    assert "128x128 px, 16x16x8 latents" in card and "8x down" in card
+    with pytest.raises(ValueError, match="crop_size"):  # a work folder of another resolution is not resumed
+        pretrain(faces, tmp_path / "o", tmp_path / "w", _small_cfg(2), resume=True, cache_dir=tmp_path / "c")
+
+
 def test_cli_bad_input_returns_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline_data.tiny.cli import main
 
