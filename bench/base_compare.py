@@ -15,8 +15,11 @@ For each base model, at its own resolution:
   resumable under ``--work``), scored by the build's own identity check.
 * speed: seconds per generated image (20 DDIM steps, CFG 3, batches of 16) and per adapter-training step.
 
-Writes ``bench/results/base_compare.json`` and prints a table. The photos are read from ``DIFFLORA_FACES``
-(default ``../shared/data/faces`` next to the repository); nothing of them is written.
+Writes ``bench/results/base_compare.json`` (the entries of the models measured are replaced, others kept, so v1
+can be measured while v2 trains) and prints a table. ``--speed-only`` re-times every named model in one run, so
+the speed ratio is measured under one machine load (``speed_same_run``; each model's own run keeps its timings).
+The photos are read from ``DIFFLORA_FACES`` (default ``../shared/data/faces`` next to the repository); nothing of
+them is written.
 """
 
 from __future__ import annotations
@@ -201,6 +204,24 @@ def measure(name: str, model: str, photos: Photos, args, work: Path) -> dict:
     return out
 
 
+def speed(model: str, photos: Photos, threads: int) -> dict:
+    """Seconds per image (20 steps, CFG 3, a batch of 16) and per recipe training step (10 steps), one model."""
+    from pipeline_data.adapter_train import train_identity
+
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generate(pipe, CAPTION, [0, 1], steps=2, guidance=3.0, size=size)  # warm-up
+    t0 = time.perf_counter()
+    generate(pipe, CAPTION, list(range(16)), steps=20, guidance=3.0, size=size)
+    per_image = (time.perf_counter() - t0) / 16
+    cfg = recipe_config(model, threads)
+    cfg.steps = 10
+    crops = photos.crops(next(iter(photos.faces.values())), size, cfg.crop_padding)
+    res = train_identity(pipe, crops, cfg, base_model=model)
+    return {"seconds_per_image_20_steps": round(per_image, 4), "seconds_per_training_step": round(res.seconds / 10, 4)}
+
+
 def _fmt(x: dict) -> str:
     return f"{x['mean']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
 
@@ -214,16 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "base_compare", help="oracle datasets (resumable)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "base_compare.json")
+    ap.add_argument("--speed-only", action="store_true", help="only re-time the models, in this one run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from pipeline_data.faces import get_encoder
 
     models = dict(m.split("=", 1) for m in args.model)
-    photos = Photos(get_encoder("dlib"), faces_root(), args.ceiling_ids, args.samples)
-    res = {"samples": args.samples, "models": {}}
-    for name, path in models.items():
-        res["models"][name] = measure(name, path, photos, args, args.work)
-        print(name, json.dumps(res["models"][name])[:300], flush=True)
+    res = json.loads(args.out.read_text()) if args.out.is_file() else {"samples": args.samples, "models": {}}
+    if args.speed_only:
+        photos = Photos(get_encoder("dlib"), faces_root(), 1, 0)
+        timed = {name: speed(path, photos, args.threads) for name, path in models.items()}
+        res["speed_same_run"] = {"threads": args.threads, **timed}
+        for name, t in timed.items():
+            print(name, t, flush=True)
+    else:
+        photos = Photos(get_encoder("dlib"), faces_root(), args.ceiling_ids, args.samples)
+        for name, path in models.items():
+            res["models"][name] = measure(name, path, photos, args, args.work)
+            print(name, json.dumps(res["models"][name])[:300], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())
     rows = [
@@ -235,9 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         ("ceiling margin: VAE reconstructions", lambda m: _fmt(m["ceiling_vae_reconstruction"]["identity_margin"])),
         ("oracle gain", lambda m: _fmt(m["oracle"]["identity_gain"]) if "oracle" in m else "-"),
         ("oracle margin", lambda m: _fmt(m["oracle"]["identity_margin"]) if "oracle" in m else "-"),
-        ("s / image (20 steps)", lambda m: f"{m['seconds_per_image_20_steps']:.3f}"),
-        ("s / adapter-training step", lambda m: f"{(m.get('oracle') or {}).get('seconds_per_training_step')}"),
+        ("s / image (20 steps), own run", lambda m: f"{m['seconds_per_image_20_steps']:.3f}"),
+        ("s / training step, own run", lambda m: f"{(m.get('oracle') or {}).get('seconds_per_training_step')}"),
     ]
+    same = res.get("speed_same_run", {})
+    for key, label in (("seconds_per_image_20_steps", "image"), ("seconds_per_training_step", "training step")):
+        rows.append((f"s / {label}, same run", lambda m, k=key: f"{same.get(m['name'], {}).get(k, '-')}"))
+    for name, m in res["models"].items():
+        m["name"] = name
     names = list(res["models"])
     print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for label, f in rows:
