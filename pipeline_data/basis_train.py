@@ -100,8 +100,10 @@ class BasisTrainConfig:
         )  # fmt: skip
 
     def training_dict(self) -> dict[str, Any]:
-        """The fields that define the result (a change means a new output folder)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "threads", "checkpoint_every")}
+        """The fields that define the result (a change means a new output folder). Not ``steps``: the learning
+        rates are constant, so ``--resume`` with more steps extends a run exactly."""
+        skip = ("device", "threads", "checkpoint_every", "steps")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasisTrainConfig:
@@ -260,6 +262,8 @@ def train_basis(
         load_optimizer("opt", opt, t, meta["param_groups"])
         g.set_state(t["rng"])
         start = int(meta["step"])
+        if start > cfg.steps:
+            raise ValueError(f"{out}: the checkpoint is at step {start}, beyond --steps {cfg.steps}")
         metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         metrics = [m for m in metrics if m["step"] <= start]
 

@@ -189,6 +189,23 @@ def test_basis_recipe_replays_with_its_basis(trained: Path, basis_dataset: Path,
     torch.testing.assert_close(load_dataset_codes(out)[ident], load_dataset_codes(basis_dataset)[ident])
 
 
+def test_cli_trains_resumes_and_extends_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline_data.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["basis", "--faces", str(SINGLE[0]), str(SINGLE[1]), "--out", str(out), "--base", tiny_base(),
+            "--directions", "2", "--rank", "1", "--batch-size", "2", "--checkpoint-every", "1",
+            "--threads", "1"]  # fmt: skip
+    assert main([*argv, "--steps", "2"]) == 0
+    assert "basis K=2 rank 1 on 2 identities (2 photos), 2 steps" in capsys.readouterr().out
+    assert main([*argv, "--steps", "2"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*argv, "--steps", "3", "--resume"]) == 0  # more steps: the run goes on from its checkpoint
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert main([*argv, "--steps", "2", "--resume"]) == 2
+    assert "beyond --steps 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
