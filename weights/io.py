@@ -24,9 +24,10 @@ __all__ = ["detect_format", "load_adapter", "load_any", "save_adapter", "validat
 
 def detect_format(path: str | os.PathLike) -> str:
     """ "native" | "diffusers" | "kohya" | "peft", from the folder layout or the safetensors header only."""
+    from .basis import FORMAT as BASIS_FORMAT
     from .formats.diffusers import is_diffusers_keys
     from .formats.kohya import is_kohya_keys
-    from .formats.native import SPEC_KEY
+    from .formats.native import FORMAT_KEY, SPEC_KEY
     from .formats.peft import CONFIG_NAME
 
     p = Path(path)
@@ -38,6 +39,12 @@ def detect_format(path: str | os.PathLike) -> str:
         raise AdapterFileError("no such file", "missing", str(p))
     header, meta = read_header(p, allow_int=True)  # detection reads keys only; loaders check dtypes (LoLDU pivots)
     keys = list(header)
+    if meta.get(FORMAT_KEY) == BASIS_FORMAT:
+        raise AdapterFileError(
+            "is an identity basis, not an adapter (weights.basis.load_basis; basis_to_lora gives one identity's)",
+            "format",
+            str(p),
+        )
     if SPEC_KEY in meta:
         return "native"
     if keys and all(SEP in k for k in keys):
