@@ -88,6 +88,16 @@ def test_a_live_replicas_job_is_left_alone_then_taken_over_when_its_lease_expire
         other.close()
 
 
+def test_readyz_names_the_replica_and_the_database(app):
+    client, _, url = app
+    d = client.get("/readyz").json()["details"]
+    assert d["database"] == ("postgresql" if url else "sqlite")
+    assert (
+        d["replica"] == client.app.state.svc.storage.owner
+        and d["replica"] in client.app.state.svc.storage.live_replicas()
+    )
+
+
 def test_jobs_queued_by_another_replica_are_run(app, ident):
     client, data, url = app
     other = Storage(data, url, lease_s=LEASE_S)
