@@ -287,7 +287,9 @@ def _doc_commands() -> list[list[str]]:
     """Shell commands of the fenced code blocks (continuations joined), leading VAR=value words dropped."""
     text = DOCS.read_text()
     cmds = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        if lang not in ("", "bash", "sh", "shell"):
+            continue  # yaml examples
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if not line or line.startswith("#"):
