@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test lint format serve tiny-assets bench clean
+.PHONY: setup postgres test lint format serve tiny-assets bench clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,16 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup lint
+# Debian's PostgreSQL for the storage and job tests on both backends: the suite starts a throw-away server on a
+# loopback port (tests/utils/postgres.py, as the postgres user when root) and stops it at the end, failed tests or
+# not; best effort: where it cannot be installed, the PostgreSQL cases are skipped with that reason
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+		echo "postgresql not installed: its tests will be skipped"; }
+
+test: setup lint postgres
 	$(BIN)/python -m pytest -q tests
 
 serve: setup

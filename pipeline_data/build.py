@@ -175,6 +175,7 @@ def _worker_state(cfg: BuildConfig):
             torch.set_num_threads(cfg.threads)
         pipe = load_pipeline(cfg.base, device=cfg.device, dtype=torch.float32)
         _STATE.update(key=key, pipe=pipe, encoder=get_encoder(cfg.face_backend), prior=None)
+        _STATE["loads"] = _STATE.get("loads", 0) + 1
         if cfg.prior_weight > 0:
             from .adapter_train import prior_latents
 
@@ -193,6 +194,11 @@ def _basis(cfg: BuildConfig):
     if _STATE.get("basis_path") != path:
         _STATE.update(basis_path=path, basis=load_basis(path))
     return _STATE["basis"]
+
+
+def model_loads() -> int:
+    """How many times this process loaded the base model, face encoder and prior latents (``_worker_state``)."""
+    return _STATE.get("loads", 0)
 
 
 def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
@@ -338,7 +344,7 @@ def build(
     if ray_address:
         from .ray_build import run_on_ray
 
-        run_on_ray(todo, cfg_dict, str(out), ray_address, finished, failures)
+        workers = run_on_ray(todo, cfg_dict, str(out), ray_address, finished, failures)
     else:
         for src in todo:
             try:
@@ -346,6 +352,7 @@ def build(
             except Exception as e:  # noqa: BLE001 - one bad identity must not stop the build; it is retried next run
                 failures[src.id] = f"{type(e).__name__}: {e}"
                 bar.update(1)
+        workers = [{"pid": os.getpid(), "model_loads": model_loads(), "built": len(todo) - len(failures)}]
     bar.close()
     write_manifest(out)
     recs = [done[s.id] for s in sources if s.id in done]
@@ -358,6 +365,7 @@ def build(
         "failed": failures,
         "seconds_per_identity": float(np.mean(secs)) if secs else None,
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "workers": workers,  # per process: identities built (this run) and model loads (1 each, however many)
     }
 
 

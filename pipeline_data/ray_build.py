@@ -1,12 +1,18 @@
-"""Fan the per-identity work out as Ray tasks (one per identity, retried on failure, one GPU each on GPU hosts)."""
+"""Fan the per-identity work out over a Ray cluster: one long-lived worker actor per GPU (or per CPU on CPU
+clusters) keeps the base model, the face encoder and the prior latents loaded, and builds identity after identity;
+a failed identity is retried (on any worker) and a worker process that dies is restarted by Ray.
+
+Actors rather than tasks: Ray ends a GPU task's worker process after every task (``max_calls=1`` for tasks that
+reserve GPUs, to free GPU memory), so a task per identity would load the models again for every identity."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 
-from .build import IdentitySource, run_identity
+from .build import IdentitySource, model_loads, run_identity
 
 CONNECT_TIMEOUT_S = 10.0
 # HTTP/2 client preface + an empty SETTINGS frame: a gRPC server (Ray's GCS and client server) answers with its own
@@ -74,6 +80,33 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S, num_cpus: int | 
         raise ConnectionError(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())}") from None
 
 
+class BuildWorker:
+    """One Ray actor per GPU (per CPU on CPU clusters): builds identities one after another in one process, so the
+    models ``build._worker_state`` loads stay loaded (``stats()`` tells how many times they were loaded)."""
+
+    def __init__(self) -> None:
+        self.built = 0
+
+    def run(self, src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
+        rec = run_identity(src, cfg_dict, out_dir)
+        self.built += 1
+        return rec
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "model_loads": model_loads(), "built": self.built}
+
+
+def num_workers(use_gpu: bool, todo: int, workers: int | None = None) -> int:
+    """Worker actors to start: ``workers`` when given, else one per GPU (CPU) of the cluster; at most one per
+    identity to build. ValueError for a CUDA build on a cluster without GPUs (the actors would wait forever)."""
+    import ray
+
+    have = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
+    if use_gpu and have == 0:
+        raise ValueError("the recipe's device is CUDA but the Ray cluster has no GPU (start the workers with GPUs)")
+    return max(1, min(workers or have, todo))
+
+
 def run_on_ray(
     todo: list[IdentitySource],
     cfg_dict: dict,
@@ -83,28 +116,53 @@ def run_on_ray(
     failures: dict[str, str],
     *,
     max_retries: int = 2,
-) -> None:
-    """Run ``run_identity`` for every source on the cluster at ``address`` ("local", "auto" or "host:port").
+    workers: int | None = None,
+) -> list[dict]:
+    """Build every source on the cluster at ``address`` ("local", "auto" or "host:port") with
+    :func:`num_workers` :class:`BuildWorker` actors (``num_gpus=1`` each when the recipe's device is CUDA).
 
-    The tasks write adapters and records into ``out_dir`` (a shared filesystem on a real cluster); the driver
-    rewrites the manifest as results come in. Tasks that still fail after ``max_retries`` are reported in
-    ``failures`` and redone by the next run.
+    The workers write adapters and records into ``out_dir`` (a shared filesystem on a real cluster); the driver
+    rewrites the manifest as results come in. An identity that still fails after ``max_retries`` retries is
+    reported in ``failures`` and redone by the next run. Returns each worker's ``stats()``.
     """
     import ray
+    from ray.exceptions import RayActorError
 
     connect(address)
+    if not todo:
+        return []
     use_gpu = cfg_dict.get("device", "cpu").startswith("cuda")
     if not use_gpu and not cfg_dict.get("threads"):
-        cfg_dict = {**cfg_dict, "threads": 1}  # one task per CPU: don't oversubscribe with torch's thread pool
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=max_retries, retry_exceptions=True)(
-        run_identity
-    )
-    pending = {task.remote(src, cfg_dict, out_dir): src for src in todo}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            src = pending.pop(ref)
-            try:
-                finished(ray.get(ref))
-            except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
+        cfg_dict = {**cfg_dict, "threads": 1}  # one worker per CPU: don't oversubscribe with torch's thread pool
+    actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=max_retries)(BuildWorker)
+    pool = [actor.remote() for _ in range(num_workers(use_gpu, len(todo), workers))]
+    queue, tries = deque(todo), dict.fromkeys((s.id for s in todo), 0)
+    running: dict = {}  # object ref -> (worker, source)
+
+    def submit(worker) -> None:
+        if queue:
+            src = queue.popleft()
+            running[worker.run.remote(src, cfg_dict, out_dir)] = (worker, src)
+
+    for w in pool:
+        submit(w)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        worker, src = running.pop(ready[0])
+        try:
+            finished(ray.get(ready[0]))
+        except Exception as e:  # noqa: BLE001 - RayTaskError wraps the worker's exception
+            tries[src.id] += 1
+            if tries[src.id] <= max_retries:
+                queue.append(src)
+            else:
                 failures[src.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        submit(worker)
+    stats = []
+    for w in pool:
+        try:
+            stats.append(ray.get(w.stats.remote()))
+        except RayActorError:
+            continue  # died for good (its identities were retried on the others)
+        ray.kill(w)
+    return stats

@@ -30,11 +30,11 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
     """The app for ``settings`` (default: from ``DIFFLORA_*``). ``load=False`` skips loading models (tests of
     the HTTP layer only); the server then stays not-ready."""
     settings = settings or Settings()
-    storage = Storage(settings.data_dir)
+    storage = Storage(settings.data_dir, settings.database, lease_s=settings.job_lease_s, migrate=settings.migrate)
+    # jobs another replica was running are left alone: the runner takes them over only once their lease expires
     swept = storage.sweep()
-    requeued = storage.requeue_running()
-    if swept or requeued:
-        log.info("start-up: removed %d leftover temp entries, re-queued %d interrupted jobs", swept, requeued)
+    if swept:
+        log.info("start-up: removed %d leftover temp entries", swept)
     state = ServiceState(settings, storage, Metrics())
 
     @asynccontextmanager

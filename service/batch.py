@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt i, image k uses seed + i * num_images + k")
     p.add_argument("--max-photos", type=int, default=10, help="photos read per identity")
     p.add_argument("--ray-address", help="fan identities out over a Ray cluster ('auto', 'local' or host:port)")
-    p.add_argument("--ray-workers", type=int, default=2, help="Ray tasks (each loads the models once)")
+    p.add_argument("--ray-workers", type=int, default=2,
+                   help="Ray tasks (each loads the models once; --device cuda: one GPU each)")  # fmt: skip
     return p
 
 
@@ -90,8 +91,8 @@ def _bad_args(args: argparse.Namespace) -> str | None:
     top = PRESET_SIZES[args.preset][1]
     if args.size is not None and not (8 <= args.size <= top and args.size % 8 == 0):
         return f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset, got {args.size}"
-    try:
-        check_device(args.device)
+    try:  # on a Ray cluster the device must exist on the workers, not on the driver
+        check_device(args.device, available=not args.ray_address)
     except ValueError as e:
         return f"--device: {e}"
     return None
@@ -185,19 +186,37 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
     return lines
 
 
+def ray_task_options(device: str) -> dict:
+    """What each Ray task reserves: one CPU, and one GPU when ``device`` is CUDA (Ray then sets the task's
+    ``CUDA_VISIBLE_DEVICES`` to the GPU it reserved, so tasks never share a GPU)."""
+    return {"num_cpus": 1, "num_gpus": 1 if device.startswith("cuda") else 0, "max_retries": 2}
+
+
+def ray_worker_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` as a Ray task sees them: ``cuda:N`` becomes ``cuda``, the one GPU Ray made visible to the task."""
+    if args.device.startswith("cuda"):
+        return argparse.Namespace(**{**vars(args), "device": "cuda"})
+    return args
+
+
 def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> list[dict]:
     import ray
 
     from pipeline_data.ray_build import connect
 
+    started = not ray.is_initialized()
     connect(args.ray_address, num_cpus=max(1, args.ray_workers))  # an unreachable address fails at once
     try:
-        task = ray.remote(max_retries=2)(run_identities)
+        opts = ray_task_options(args.device)
+        if opts["num_gpus"] and not ray.cluster_resources().get("GPU"):  # the tasks would wait forever
+            raise ValueError("--device cuda: the Ray cluster has no GPU (start its workers with GPUs)")
+        task = ray.remote(**opts)(run_identities)
         chunks = [todo[i :: args.ray_workers] for i in range(args.ray_workers)]
-        refs = [task.remote(args, c, prompts) for c in chunks if c]
+        refs = [task.remote(ray_worker_args(args), c, prompts) for c in chunks if c]
         return [line for part in ray.get(refs) for line in part]
     finally:
-        ray.shutdown()
+        if started:  # leave a Ray instance the caller started running
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("hypernet.cli:predict_main", "predict an adapter from photos"),
     "serve": ("service.main:serve_main", "run the HTTP service"),
     "batch": ("service.batch:main", "batch personalization without a server"),
+    "db": ("service.dbcli:main", "create or upgrade the service database (upgrade, current)"),
 }
 
 

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--face-backend", choices=["dlib", "insightface"], help="face encoder (default: dlib)")
     p.add_argument("--face-model-dir", help="insightface model pack directory")
-    p.add_argument("--data-dir", help="where the database and files live (default: ./difflora-data)")
+    p.add_argument("--data-dir", help="where the files (and the SQLite database) live (default: ./difflora-data)")
+    p.add_argument("--database-url", help="PostgreSQL shared by replicas (better: DIFFLORA_DATABASE_URL)")
+    p.add_argument("--job-lease-s", type=float, help="seconds before a dead replica's job is taken over (30)")
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -74,7 +76,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. an unreachable database, a schema too old
         print(f"difflora serve: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(

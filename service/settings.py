@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     warmup: bool = True  # run one generation before reporting ready
     predict_seed: int = Field(0, ge=0)  # hypernet sampling seed (same photos -> same adapter)
     # --- storage ---
-    data_dir: Path = Path("difflora-data")  # SQLite database + files (identities, adapters, results)
+    data_dir: Path = Path("difflora-data")  # files (identities, adapters, results) + the SQLite database
+    # PostgreSQL shared by several replicas (postgresql://USER:PASSWORD@HOST:PORT/DB); unset: SQLite in data_dir
+    database_url: SecretStr | None = None
+    migrate: bool = True  # apply schema migrations at start-up (False: refuse an old schema; `difflora db upgrade`)
+    job_lease_s: float = Field(30.0, ge=1, le=3600)  # a job whose replica stops renewing is taken over after this
     # --- network / security ---
     host: str = "127.0.0.1"  # bind address
     port: int = Field(8000, ge=0, le=65535)  # bind port (0: any free port)
@@ -89,6 +93,24 @@ class Settings(BaseSettings):
     max_job_items: int = Field(1000, ge=1)  # identities x prompts per batch job
     default_steps: int | None = Field(None, ge=1)  # default: per preset
     default_size: int | None = Field(None, ge=8)  # default: per preset
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: SecretStr | None) -> SecretStr | None:
+        from .db import database_url
+
+        if v is None or not v.get_secret_value():
+            return None
+        try:
+            database_url(v.get_secret_value(), Path("."))
+        except ValueError:
+            raise ValueError("expected postgresql://USER:PASSWORD@HOST:PORT/DB (or unset for SQLite)") from None
+        return v
+
+    @property
+    def database(self) -> str | None:
+        """The database URL (None: SQLite in ``data_dir``)."""
+        return self.database_url.get_secret_value() if self.database_url is not None else None
 
     @field_validator("device")
     @classmethod

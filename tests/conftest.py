@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,31 @@ def tiny_dataset(tmp_path_factory) -> Path:
     summary = build([str(p) for p in DATASET_IDS], out, build_config(), progress=False)
     assert summary["ok"] == 3 and not summary["failed"], summary
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server for the session (``tests/utils/postgres.py``), stopped at the end even when
+    tests fail; where none can be started, every test that needs it is skipped with the reason."""
+    from tests.utils.postgres import Unavailable, start
+
+    try:
+        srv = start()
+    except Unavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory) -> str | None:
+    """Each storage/job test runs on both backends: None (SQLite in the data directory) and a fresh PostgreSQL
+    database."""
+    if request.param == "sqlite":
+        return None
+    from tests.utils.postgres import fresh_database
+
+    srv = request.getfixturevalue("postgres_server")
+    return fresh_database(srv.url, f"t_{secrets.token_hex(6)}")

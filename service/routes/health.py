@@ -32,6 +32,8 @@ async def readyz(state: StateDep):
         "timings": {k: round(v, 3) for k, v in state.timings.items()},
         "queue_depth": eng.queue_depth if eng else 0,
         "cached_adapters": len(eng.cached()) if eng else 0,
+        "replica": state.storage.owner,  # the id job leases name (jobs.lease_owner)
+        "database": state.storage.engine.dialect.name,  # sqlite | postgresql
     }
     if eng is not None and eng.draining:
         return JSONResponse({**error_body("shutting_down", "draining"), "details": details}, status_code=503)

@@ -287,7 +287,9 @@ def _doc_commands() -> list[list[str]]:
     """Shell commands of the fenced code blocks (continuations joined), leading VAR=value words dropped."""
     text = DOCS.read_text()
     cmds = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        if lang not in ("", "bash", "sh", "shell"):
+            continue  # yaml examples
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if not line or line.startswith("#"):
@@ -311,7 +313,9 @@ def test_deploy_doc_commands_are_real(smoke_module):
     cmds = _doc_commands()
     difflora = [c for c in cmds if c and c[0] == "difflora"]
     assert any(c[1:3] == ["data", "build"] for c in difflora) and any(c[1] == "serve" for c in difflora)
-    parsers = {"serve": serve_parser, "data": data_parser, "hypernet": hypernet_parser}
+    from service.dbcli import build_parser as db_parser
+
+    parsers = {"serve": serve_parser, "data": data_parser, "hypernet": hypernet_parser, "db": db_parser}
     for c in difflora:
         assert c[1] in COMMANDS, c
         if c[1] in parsers:

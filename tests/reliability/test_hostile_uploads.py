@@ -16,7 +16,8 @@ from tests.reliability.corpus import CASES, EVIL_NAMES, Case
 
 # server-generated names: adapter, aligned faces, stored photos, job results (<index:05d>-<k>.png)
 STORED = re.compile(r"^(adapter\.safetensors|face-\d+\.png|photo-\d+\.(jpg|png|webp|img)|\d{5}-\d+\.png)$")
-DATA_FILES = re.compile(r"^difflora\.sqlite3(-wal|-shm|-journal)?$")
+DATA_FILES = re.compile(r"^difflora\.sqlite3(-wal|-shm|-journal|\.migrate\.lock)?$")
+REPLICA_LOCK = re.compile(r"^[A-Za-z0-9.-]+-\d+-[0-9a-f]{6}\.lock$")  # replicas/<host>-<pid>-<nonce>.lock (SQLite)
 SERVER_PATH = re.compile(r"(/work/|/tmp/|/srv/|site-packages|Traceback|File \")")
 
 
@@ -59,9 +60,12 @@ def test_stored_files_never_use_client_names(rel_app):
         rel = path.relative_to(data)
         assert path.resolve().is_relative_to(data), rel
         if path.is_dir():
-            assert rel.parts[0] in ("identities", "results", "tmp"), rel
+            assert rel.parts[0] in ("identities", "results", "tmp", "replicas"), rel
             if rel.parts[0] == "identities" and len(rel.parts) == 2:
                 assert re.fullmatch(r"idt_[0-9a-f]{24}", rel.parts[1]), rel
+            continue
+        if rel.parts[0] == "replicas":
+            assert len(rel.parts) == 2 and REPLICA_LOCK.match(path.name), rel
             continue
         assert STORED.match(path.name) or (len(rel.parts) == 1 and DATA_FILES.match(path.name)), rel
     names = " ".join(str(p) for p in data.rglob("*"))

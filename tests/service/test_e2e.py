@@ -35,7 +35,7 @@ def _free_port() -> int:
 class Server:
     """``difflora serve`` in a subprocess; ``stop()`` sends SIGTERM and waits for the drain."""
 
-    def __init__(self, data_dir: Path, world: dict, log: Path) -> None:
+    def __init__(self, data_dir: Path, world: dict, log: Path, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -45,6 +45,7 @@ class Server:
             "DIFFLORA_MODEL_PATH": world["model_path"],
             "DIFFLORA_UNTRAINED_HYPERNET": str(world["untrained_hypernet"]).lower(),
             "PYTHONPATH": str(REPO),
+            **(env or {}),
         }
         env.pop("DIFFLORA_API_KEY", None)
         cmd = [sys.executable, "-m", "service.cli", "serve", "--preset", "tiny", "--data-dir", str(data_dir),
