@@ -162,12 +162,21 @@ def measure(name: str, model: str, photos: Photos, args, work: Path) -> dict:
         "latent": [pipe.unet.config.in_channels, pipe.unet.config.sample_size],
     }
     # generations: fd_dlib, no-face rate, speed
-    t0, imgs = time.perf_counter(), []
-    for i in range(0, args.samples, 16):
-        seeds = list(range(i, min(i + 16, args.samples)))
-        imgs.append(generate(pipe, CAPTION, seeds, steps=20, guidance=3.0, size=size))
-    gen = np.concatenate(imgs)
-    out["seconds_per_image_20_steps"] = round((time.perf_counter() - t0) / len(gen), 4)
+    cache = work / name / f"generations-{args.samples}.npz"  # a rerun after a crash skips the long part
+    if cache.is_file():
+        with np.load(cache) as z:
+            gen, out["seconds_per_image_20_steps"] = z["images"], float(z["seconds_per_image"])
+    else:
+        t0, imgs = time.perf_counter(), []
+        for i in range(0, args.samples, 16):
+            seeds = list(range(i, min(i + 16, args.samples)))
+            imgs.append(generate(pipe, CAPTION, seeds, steps=20, guidance=3.0, size=size))
+        gen = np.concatenate(imgs)
+        out["seconds_per_image_20_steps"] = round((time.perf_counter() - t0) / len(gen), 4)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.with_suffix(".tmp"), "wb") as f:
+            np.savez(f, images=gen, seconds_per_image=out["seconds_per_image_20_steps"])
+        os.replace(cache.with_suffix(".tmp"), cache)
     real = photos.crops(photos.pool, size, pad)
     gen_emb, real_emb = enc.embed_images_as_faces(list(gen)), enc.embed_images_as_faces(list(real))
     out["fd_dlib"] = round(frechet(gen_emb, real_emb), 5)
