@@ -102,6 +102,8 @@ class ServiceState:
             cache_size=s.cache_size,
             predict_seed=s.predict_seed,
             threads=s.threads,
+            mixed_batches=s.mixed_batches,
+            per_sample_max_error=s.per_sample_max_error,
         )
         self.engine.start()
         if s.warmup:
