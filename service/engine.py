@@ -37,6 +37,7 @@ from weights.convert import to_lora
 from weights.per_sample import batch_rows, per_sample_adapters, stack_adapters
 
 from .metrics import Metrics
+from .request_id import current_request_id
 
 log = logging.getLogger("difflora.engine")
 
@@ -92,6 +93,7 @@ class _Task:
     seeds: list[int] = field(default_factory=list)  # one per image
     embeddings: np.ndarray | None = None  # predict: (P, E)
     enqueued: float = field(default_factory=time.perf_counter)
+    request_id: str | None = field(default_factory=current_request_id.get)  # X-Request-ID of the submitter
 
     @property
     def images(self) -> int:
@@ -114,6 +116,11 @@ class GenOutput:
     queue_seconds: float  # time spent waiting in the queue
     batch_mode: str = "merged"  # how that call got its adapters: "merged" (or the base model) | "per_sample"
     batch_identities: int = 1  # distinct adapters (identity, scale; the base model counts) in that call
+
+
+def _ids(tasks: list[_Task]) -> str:
+    """The tasks' request ids for a log line (the worker thread has no request context of its own)."""
+    return ", ".join(t.request_id or "-" for t in tasks)
 
 
 class Engine:
@@ -344,7 +351,7 @@ class Engine:
                     else:
                         self._run_generate(live)
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
-                log.exception("model call failed")
+                log.exception("model call failed (requests %s)", _ids(live))
                 for t in live:
                     if not t.future.done():
                         t.future.set_exception(e)
@@ -409,7 +416,7 @@ class Engine:
             try:
                 lora = self._lora_form(key[0])
             except Exception as e:  # noqa: BLE001 - goes to this adapter's requests only
-                log.warning("identity %s: adapter unavailable (%s: %s)", key[0], type(e).__name__, e)
+                log.warning("identity %s: adapter unavailable (%s; requests %s)", key[0], type(e).__name__, _ids(ts))
                 for t in ts:
                     t.future.set_exception(e)
                 continue
@@ -429,7 +436,7 @@ class Engine:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - every failure goes to the waiting requests
-            log.exception("model call failed")
+            log.exception("model call failed (requests %s)", _ids(tasks))
             for t in tasks:
                 if not t.future.done():
                     t.future.set_exception(e)
@@ -448,7 +455,9 @@ class Engine:
         index = {k: i for i, k in enumerate(keys)}
         unet = self.pipe.unet
         ps = stack_adapters([forms[k] for k in keys], [k[1] for k in keys], dtype=unet.dtype)
-        rows = batch_rows([index.get(t.adapter_key, -1) for t in tasks for _ in t.seeds], cfg=self._cfg(tasks[0].params))
+        rows = batch_rows(
+            [index.get(t.adapter_key, -1) for t in tasks for _ in t.seeds], cfg=self._cfg(tasks[0].params)
+        )
         with per_sample_adapters(unet, ps, rows, freeze_base=False):
             self._call(tasks, "per_sample", len(forms))
 

@@ -72,8 +72,12 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
     from .protocol import json_error_protocol
+    from .request_id import install_log_filter
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+    )
+    install_log_filter()
     try:
         app = create_app(settings)
     except (OSError, ValueError) as e:

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     max_size: int | None = Field(None, ge=8)  # largest width/height (default: per preset)
     max_num_images: int = Field(4, ge=1, le=64)  # images per generation request
     max_job_items: int = Field(1000, ge=1)  # identities x prompts per batch job
+    # --- job events (GET /v1/jobs/{id}/events) ---
+    max_event_streams: int = Field(64, ge=1, le=10_000)  # open Server-Sent-Events streams at once (429 beyond)
+    job_events_poll_s: float = Field(0.25, ge=0.01, le=10.0)  # how often a stream reads the job's state
+    job_events_keepalive_s: float = Field(15.0, ge=0.1, le=300.0)  # a comment line after this long without events
     default_steps: int | None = Field(None, ge=1)  # default: per preset
     default_size: int | None = Field(None, ge=8)  # default: per preset
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineClosedError, GenParams, QueueFullError
+from service.request_id import current_request_id
 from tests.utils.adapters import make_adapter
 from tests.utils.tiny_pipes import tiny_sd15_pipe
 
@@ -220,7 +221,9 @@ def test_mixed_identity_batch_equals_each_identity_generated_alone(world):
         assert same < 4.0 and same < 0.25 * np.abs(px[i] - ctl[i]).mean() and same < 0.25 * min(others), (i, same)
 
 
-def test_other_families_join_through_their_lora_export_when_exact_and_failures_stay_with_their_request(pipe, adapters):
+def test_other_families_join_through_their_lora_export_when_exact_and_failures_stay_with_their_request(
+    pipe, adapters, caplog
+):
     # LoLDU's ΔW has rank r: its rank-r LoRA export is exact (1e-7); DoRA's is not (0.8): it runs merged, alone
     ads = {**adapters, "d": make_adapter(pipe.unet, "dora", rank=4, seed=7, noise=3.0),
            "l": make_adapter(pipe.unet, "loldu", rank=4, seed=8, noise=3.0)}  # fmt: skip
@@ -231,7 +234,11 @@ def test_other_families_join_through_their_lora_export_when_exact_and_failures_s
         return ads[ident]
 
     eng = Engine(pipe, None, adapter_loader=loader, batch_wait_s=0.0)
-    futs = {k: eng.submit_generate(k, P, ["p"], [3]) for k in ("a", "d", "gone", "l", "b")}
+    futs = {}
+    for k in ("a", "d", "gone", "l", "b"):
+        token = current_request_id.set(f"rid-{k}")  # as the HTTP layer sets it for the request's context
+        futs[k] = eng.submit_generate(k, P, ["p"], [3])
+        current_request_id.reset(token)
     eng.start()
     try:
         with pytest.raises(FileNotFoundError):
@@ -248,3 +255,5 @@ def test_other_families_join_through_their_lora_export_when_exact_and_failures_s
         same = np.abs(px[k] - ref[k]).mean()
         assert same < 4.0 and all(same < 0.25 * np.abs(px[k] - ref[j]).mean() for j in "adlb" if j != k), (k, same)
     assert eng.metrics.batches.labels("per_sample")._value.get() == 1
+    gone = [r.getMessage() for r in caplog.records if "adapter unavailable" in r.getMessage()]
+    assert gone == ["identity gone: adapter unavailable (FileNotFoundError; requests rid-gone)"]
