@@ -293,12 +293,17 @@ class Engine:
         if adapter.spec.method == "lora":
             lora = adapter
         else:
-            lora, report = to_lora(adapter, base=self.pipe.unet)
-            if report.max_error > self.per_sample_max_error or report.bias_dropped:
-                log.info("identity %s: %s; runs merged", identity_id, report.summary())
+            try:
+                lora, report = to_lora(adapter, base=self.pipe.unet)
+            except ValueError as e:  # no LoRA export for this adapter: merging still works
+                log.info("identity %s: no LoRA export (%s); runs merged", identity_id, e)
                 lora = None
             else:
-                lora = lora.to(self.device)
+                if report.max_error > self.per_sample_max_error or report.bias_dropped:
+                    log.info("identity %s: %s; runs merged", identity_id, report.summary())
+                    lora = None
+                else:
+                    lora = lora.to(self.device)
         with self._cv:
             if identity_id in self._cache:  # not evicted or deleted meanwhile
                 self._lora[identity_id] = lora
