@@ -22,7 +22,9 @@ from .storage import Storage
 log = logging.getLogger("difflora.service")
 
 DESCRIPTION = """Zero-shot face personalization: upload photos of a person, a hypernetwork predicts a LoRA adapter,
-generate images of that person from any prompt. Errors are always `{"error": {"code", "message"}}`.
+generate images of that person from any prompt. Errors are always `{"error": {"code", "message", "request_id"}}`.
+Every response carries an `X-Request-ID` (the request's own when it sends a valid one: 1-128 characters of
+letters, digits and `. _ : -`; else 422).
 With an API key configured, send it as `X-API-Key` (every endpoint but `/healthz`, `/readyz` and the web page)."""
 
 
@@ -68,7 +70,8 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
 
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["X-API-Key", "Content-Type", "Idempotency-Key", "Accept"],
+            allow_headers=["X-API-Key", "Content-Type", "Idempotency-Key", "Accept", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Seed", "X-Batch-Images"],
         )  # fmt: skip
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=key, metrics=state.metrics)

@@ -2,11 +2,17 @@
 bounded queue of tasks and gets a ``concurrent.futures.Future`` back (await it with ``asyncio.wrap_future``).
 
 * Bounded: ``submit_*`` raises :class:`QueueFullError` (→ 429 + ``Retry-After``) when ``queue_size`` tasks wait.
-* Batching: generation tasks for the same identity with the same settings are merged into one pipeline call (up
-  to ``max_batch_images`` images); each image keeps its own CPU ``torch.Generator`` so a seed means the same
-  noise alone or in a batch. Hypernet predictions queued together run as one batch too.
-* Identity switches use ``weights.apply`` (merge from the cached originals, exact restore, no drift); the adapter
-  stays merged until another identity (or the base model) is needed. Predicted adapters live in an LRU cache.
+* Batching: generation tasks with the same batch-shaping settings (:meth:`GenParams.batch_key`: size, steps,
+  scheduler, guidance, negative prompt) are merged into one pipeline call (up to ``max_batch_images`` images),
+  whatever their identities (``mixed_batches``; off: only tasks of one identity with equal settings, the old
+  behaviour). Each image keeps its own CPU ``torch.Generator`` so a seed means the same noise alone or in a batch.
+  Hypernet predictions queued together run as one batch too.
+* How a batch gets its adapters (the rule, measured by ``bench/service.py``, see docs/service.md): one adapter
+  (identity, scale) for every image → merged with ``weights.apply`` (merge from the cached originals, exact restore,
+  no drift; it stays merged until another one is needed); several → one UNet batch with per-sample adapters
+  (``weights.per_sample``, forward hooks, nothing merged). Non-LoRA adapters go per-sample through their LoRA
+  export (``weights.convert.to_lora``; exact for LoRA) when its error is at most ``per_sample_max_error``,
+  else they are run merged in their own call. Predicted adapters (and their LoRA forms) live in an LRU cache.
 * Draining: :meth:`begin_drain` stops admitting (→ 503); :meth:`stop` lets queued work finish within a timeout.
 """
 
@@ -26,9 +32,12 @@ import numpy as np
 import torch
 
 from weights.adapter import Adapter
-from weights.apply import apply_adapter, restore
+from weights.apply import applied, apply_adapter, restore
+from weights.convert import to_lora
+from weights.per_sample import batch_rows, per_sample_adapters, stack_adapters
 
 from .metrics import Metrics
+from .request_id import current_request_id
 
 log = logging.getLogger("difflora.engine")
 
@@ -68,6 +77,11 @@ class GenParams:
     height: int = 64
     scheduler: str = "default"
 
+    def batch_key(self) -> tuple:
+        """The settings that shape one pipeline call; tasks with equal keys can share a batch (the adapter scale is
+        per image with per-sample adapters, so it is not part of it)."""
+        return (self.negative_prompt, self.steps, self.guidance_scale, self.width, self.height, self.scheduler)
+
 
 @dataclass
 class _Task:
@@ -79,10 +93,18 @@ class _Task:
     seeds: list[int] = field(default_factory=list)  # one per image
     embeddings: np.ndarray | None = None  # predict: (P, E)
     enqueued: float = field(default_factory=time.perf_counter)
+    request_id: str | None = field(default_factory=current_request_id.get)  # X-Request-ID of the submitter
 
     @property
     def images(self) -> int:
         return len(self.seeds) if self.kind == "generate" else 1
+
+    @property
+    def adapter_key(self) -> tuple[str, float] | None:
+        """(identity, scale) of the adapter this task's images need, None for the base model."""
+        if self.identity_id is None or self.params is None or self.params.adapter_scale == 0:
+            return None
+        return (self.identity_id, float(self.params.adapter_scale))
 
 
 @dataclass
@@ -92,6 +114,13 @@ class GenOutput:
     batch_images: int  # images in the model call this request was part of
     model_seconds: float  # pipeline time of that call
     queue_seconds: float  # time spent waiting in the queue
+    batch_mode: str = "merged"  # how that call got its adapters: "merged" (or the base model) | "per_sample"
+    batch_identities: int = 1  # distinct adapters (identity, scale; the base model counts) in that call
+
+
+def _ids(tasks: list[_Task]) -> str:
+    """The tasks' request ids for a log line (the worker thread has no request context of its own)."""
+    return ", ".join(t.request_id or "-" for t in tasks)
 
 
 class Engine:
@@ -110,11 +139,14 @@ class Engine:
         cache_size: int = 32,
         predict_seed: int = 0,
         threads: int = 0,
+        mixed_batches: bool = True,
+        per_sample_max_error: float = 1e-3,
     ) -> None:
         self.pipe, self.predictor, self.adapter_loader = pipe, predictor, adapter_loader
         self.metrics = metrics or Metrics()
         self.queue_size, self.batch_wait_s, self.max_batch_images = queue_size, batch_wait_s, max_batch_images
         self.cache_size, self.predict_seed, self.threads = cache_size, predict_seed, threads
+        self.mixed_batches, self.per_sample_max_error = mixed_batches, per_sample_max_error
         self.device = pipe.unet.device
         self._q: deque[_Task] = deque()
         self._cv = threading.Condition()
@@ -122,6 +154,9 @@ class Engine:
         self._draining = False
         self._stopping = False
         self._cache: OrderedDict[str, Adapter] = OrderedDict()
+        self._lora: dict[str, Adapter | None] = {}  # identity -> its LoRA form for per-sample batches (None: merge)
+        if applied(pipe.unet) is not None:  # a previous user of this pipeline left an adapter merged
+            restore(pipe.unet)
         self._applied: tuple[str, float] | None = None  # (identity id, scale) merged into the UNet now
         self._schedulers: dict[str, Any] = {"default": pipe.scheduler}
         self._min_steps: dict[str, int] = {}
@@ -220,13 +255,16 @@ class Engine:
         with self._cv:
             self._cache[identity_id] = adapter
             self._cache.move_to_end(identity_id)
+            self._lora.pop(identity_id, None)
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                old, _ = self._cache.popitem(last=False)
+                self._lora.pop(old, None)
 
     def forget(self, identity_id: str) -> None:
         """Drop an identity from the cache (after it was deleted)."""
         with self._cv:
             self._cache.pop(identity_id, None)
+            self._lora.pop(identity_id, None)
 
     def cached(self) -> list[str]:
         return list(self._cache)
@@ -244,9 +282,37 @@ class Engine:
         self.cache_put(identity_id, a)
         return a
 
+    def _lora_form(self, identity_id: str) -> Adapter | None:
+        """The identity's adapter as a LoRA for per-sample batches (LoRA as is; other methods by their SVD export
+        against the base weights when its relative error is at most ``per_sample_max_error``), else None: that
+        identity is run merged. Call with the base weights in the UNet (nothing merged)."""
+        adapter = self._adapter(identity_id)
+        with self._cv:
+            if identity_id in self._lora:
+                return self._lora[identity_id]
+        if adapter.spec.method == "lora":
+            lora = adapter
+        else:
+            try:
+                lora, report = to_lora(adapter, base=self.pipe.unet)
+            except ValueError as e:  # no LoRA export for this adapter: merging still works
+                log.info("identity %s: no LoRA export (%s); runs merged", identity_id, e)
+                lora = None
+            else:
+                if report.max_error > self.per_sample_max_error or report.bias_dropped:
+                    log.info("identity %s: %s; runs merged", identity_id, report.summary())
+                    lora = None
+                else:
+                    lora = lora.to(self.device)
+        with self._cv:
+            if identity_id in self._cache:  # not evicted or deleted meanwhile
+                self._lora[identity_id] = lora
+        return lora
+
     # ---- worker -----------------------------------------------------------------------------------------------
     def _take(self) -> list[_Task] | None:
-        """Block for the next task and gather the compatible tasks queued behind it (same kind/identity/params)."""
+        """Block for the next task and gather the compatible tasks queued behind it, in queue order: predictions
+        with predictions; generations with the same batch key (mixed batches) or the same identity and settings."""
         with self._cv:
             while not self._q and not self._stopping:
                 self._cv.wait()
@@ -259,17 +325,20 @@ class Engine:
         with self._cv:
             batch, n = [first], first.images
             for t in list(self._q):
-                fits = t.kind == first.kind and (
-                    t.kind == "predict"
-                    or (t.identity_id == first.identity_id and t.params == first.params
-                        and n + t.images <= self.max_batch_images)
-                )  # fmt: skip
+                fits = t.kind == first.kind and (t.kind == "predict" or self._fits(first, t, n))
                 if fits:
                     self._q.remove(t)
                     batch.append(t)
                     n += t.images
             self.metrics.queue_depth.set(len(self._q))
         return batch
+
+    def _fits(self, first: _Task, t: _Task, n: int) -> bool:
+        if n + t.images > self.max_batch_images:
+            return False
+        if self.mixed_batches:
+            return t.params.batch_key() == first.params.batch_key()
+        return t.identity_id == first.identity_id and t.params == first.params
 
     def _run(self) -> None:
         if self.threads:
@@ -287,7 +356,7 @@ class Engine:
                     else:
                         self._run_generate(live)
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
-                log.exception("model call failed")
+                log.exception("model call failed (requests %s)", _ids(live))
                 for t in live:
                     if not t.future.done():
                         t.future.set_exception(e)
@@ -327,14 +396,79 @@ class Engine:
             self._schedulers[name] = s
         return s
 
+    def _cfg(self, p: GenParams) -> bool:
+        """Whether the pipeline runs classifier-free guidance (2 UNet rows per image), as diffusers decides it."""
+        return p.guidance_scale > 1 and getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is None
+
     @torch.inference_mode()
     def _run_generate(self, tasks: list[_Task]) -> None:
+        """One adapter for the whole batch: merged. Several: one per-sample call for every adapter that has a LoRA
+        form, then one merged call per adapter that has none. A failure (a deleted identity's adapter file is gone)
+        fails only the tasks of that adapter."""
+        groups: dict[tuple[str, float] | None, list[_Task]] = {}
+        for t in tasks:
+            groups.setdefault(t.adapter_key, []).append(t)
+        if len(groups) == 1:
+            self._generate_merged(tasks)
+            return
+        self._set_adapter(None, 0.0)  # per-sample terms add to the base weights; LoRA exports need them too
+        forms: dict[tuple[str, float] | None, Adapter | None] = {}
+        alone: list[list[_Task]] = []
+        for key, ts in groups.items():
+            if key is None:
+                forms[None] = None
+                continue
+            try:
+                lora = self._lora_form(key[0])
+            except Exception as e:  # noqa: BLE001 - goes to this adapter's requests only
+                log.warning("identity %s: adapter unavailable (%s; requests %s)", key[0], type(e).__name__, _ids(ts))
+                for t in ts:
+                    t.future.set_exception(e)
+                continue
+            if lora is None:
+                alone.append(ts)
+            else:
+                forms[key] = lora
+        batch = [t for t in tasks if t.adapter_key in forms]
+        if len(forms) > 1:
+            self._guarded(batch, lambda: self._generate_per_sample(batch, forms))
+        elif batch:
+            alone.insert(0, batch)
+        for ts in alone:
+            self._guarded(ts, lambda ts=ts: self._generate_merged(ts))
+
+    def _guarded(self, tasks: list[_Task], fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every failure goes to the waiting requests
+            log.exception("model call failed (requests %s)", _ids(tasks))
+            for t in tasks:
+                if not t.future.done():
+                    t.future.set_exception(e)
+
+    def _generate_merged(self, tasks: list[_Task]) -> None:
         p = tasks[0].params
         try:
             self._set_adapter(tasks[0].identity_id, p.adapter_scale)
         except Exception:
             self._applied = None  # apply restores the model on failure
             raise
+        self._call(tasks, "merged", 1)
+
+    def _generate_per_sample(self, tasks: list[_Task], forms: dict[tuple[str, float] | None, Adapter | None]) -> None:
+        keys = [k for k in forms if k is not None]  # the stacked adapters, in first-seen order
+        index = {k: i for i, k in enumerate(keys)}
+        unet = self.pipe.unet
+        ps = stack_adapters([forms[k] for k in keys], [k[1] for k in keys], dtype=unet.dtype)
+        rows = batch_rows(
+            [index.get(t.adapter_key, -1) for t in tasks for _ in t.seeds], cfg=self._cfg(tasks[0].params)
+        )
+        with per_sample_adapters(unet, ps, rows, freeze_base=False):
+            self._call(tasks, "per_sample", len(forms))
+
+    def _call(self, tasks: list[_Task], mode: str, identities: int) -> None:
+        """One pipeline call for every image of ``tasks`` (adapters already in place); results to the futures."""
+        p = tasks[0].params
         prompts = [s for t in tasks for s in t.prompts]
         seeds = [s for t in tasks for s in t.seeds]
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -354,8 +488,12 @@ class Engine:
         self.metrics.generate_seconds.observe(dt)
         self.metrics.step_seconds.observe(dt / p.steps)
         self.metrics.batch_images.observe(len(seeds))
+        self.metrics.batches.labels(mode).inc()
+        self.metrics.batch_identities.observe(identities)
         now, i = time.perf_counter(), 0
         for t in tasks:
             n = len(t.seeds)
-            t.future.set_result(GenOutput(out.images[i : i + n], t.seeds, len(seeds), dt, now - dt - t.enqueued))
+            t.future.set_result(
+                GenOutput(out.images[i : i + n], t.seeds, len(seeds), dt, now - dt - t.enqueued, mode, identities)
+            )
             i += n

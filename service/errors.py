@@ -1,4 +1,5 @@
-"""One error shape everywhere: ``{"error": {"code": ..., "message": ...}}``; 500s are generic (no traceback)."""
+"""One error shape everywhere: ``{"error": {"code": ..., "message": ..., "request_id": ...}}``; 500s are generic (no
+traceback). ``request_id`` is the request's ``X-Request-ID`` (see ``service.request_id``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .request_id import current_request_id
 
 log = logging.getLogger("difflora.service")
 
@@ -47,6 +50,9 @@ def error_body(code: str, message: str, details: list | None = None) -> dict:
     err: dict = {"code": code, "message": message}
     if details is not None:
         err["details"] = details
+    rid = current_request_id.get()
+    if rid is not None:
+        err["request_id"] = rid
     return {"error": err}
 
 

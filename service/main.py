@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="bind port (default 8000; 0 = any free port)")
     p.add_argument("--threads", type=int, help="torch CPU threads of the model worker")
     p.add_argument("--queue-size", type=int, help="queued model requests before 429")
+    p.add_argument("--no-mixed-batches", dest="mixed_batches", action="store_false", default=None,
+                   help="one identity per model call (swap the merged adapter), as before mixed batches")  # fmt: skip
     p.add_argument("--allow-insecure-bind", action="store_true", default=None,
                    help="allow binding beyond loopback without an API key (DIFFLORA_API_KEY)")  # fmt: skip
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up")
@@ -72,8 +74,12 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
     from .protocol import json_error_protocol
+    from .request_id import install_log_filter
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+    )
+    install_log_filter()
     try:
         app = create_app(settings)
     except (OSError, ValueError, RuntimeError) as e:  # e.g. an unreachable database, a schema too old

@@ -25,6 +25,18 @@ class Metrics:
         self.batch_images = Histogram(
             "difflora_batch_images", "images per model call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.batches = Counter(
+            "difflora_batches",
+            "model calls by how they got their adapters (merged | per_sample)",
+            ["mode"],
+            registry=r,
+        )
+        self.batch_identities = Histogram(
+            "difflora_batch_identities",
+            "distinct adapters per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.predict_seconds = Histogram(
             "difflora_predict_seconds", "hypernet predict seconds", buckets=_LAT, registry=r
         )

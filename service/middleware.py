@@ -1,14 +1,22 @@
-"""Pure-ASGI guard in front of the app: request metrics, API key (constant-time), body-size cap (413) — all
-before Starlette parses a byte of the body (it reads whole multipart bodies before any handler runs)."""
+"""Pure-ASGI guard in front of the app: request id (``X-Request-ID``), request metrics and access log, API key
+(constant-time), body-size cap (413) — all before Starlette parses a byte of the body (it reads whole multipart
+bodies before any handler runs). An unhandled exception becomes the generic 500 here, so that it carries the
+request id too."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 
 from .errors import ApiError, error_body
 from .metrics import Metrics
+from .request_id import HEADER, RULE, current_request_id, new_request_id, parse_request_id
+
+log = logging.getLogger("difflora.service")
+access_log = logging.getLogger("difflora.access")
+_RID = HEADER.lower().encode()
 
 PUBLIC_PATHS = ("/healthz", "/readyz")  # never need the API key
 WEB_PATHS = ("/", "/static/")  # the web page and its assets (no data; the page asks for the key itself)
@@ -54,20 +62,40 @@ class GuardMiddleware:
             return
         t0 = time.perf_counter()
         state = {"status": 500, "started": False}
+        given = [v for k, v in scope.get("headers") or [] if k.lower() == _RID]
+        rid = parse_request_id(given[0]) if len(given) == 1 else None
+        bad = None if rid is not None or not given else (f"send one {HEADER} header" if len(given) > 1 else RULE)
+        rid = rid or new_request_id()
+        current_request_id.set(rid)  # this request's task only (its context; no reset: 500s are sent after)
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = (_RID, rid.encode())
 
         async def send_wrapper(message) -> None:
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
         try:
+            if bad is not None:
+                msg = f"{HEADER}: {bad}"
+                details = [{"field": HEADER, "message": bad}]
+                await _send_json(send_wrapper, 422, error_body("invalid_request", msg, details))
+                return
             await self._guarded(scope, receive, send_wrapper, state)
+        except Exception:
+            if state["started"]:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
+            await _send_json(send_wrapper, 500, error_body("internal", "internal server error"))
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("unmatched" if state["status"] in (401, 404, 413) else "other")
             method = scope.get("method", "")
+            dt = time.perf_counter() - t0
             self.metrics.requests.labels(method, label, str(state["status"])).inc()
-            self.metrics.latency.labels(method, label).observe(time.perf_counter() - t0)
+            self.metrics.latency.labels(method, label).observe(dt)
+            access_log.info("%s %s %d %.3fs", method, scope.get("path", ""), state["status"], dt)
 
     async def _guarded(self, scope, receive, send, state) -> None:
         headers = dict(scope.get("headers") or [])

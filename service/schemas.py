@@ -22,10 +22,11 @@ class ErrorBody(BaseModel):
     code: str = Field(examples=["not_found"])
     message: str = Field(examples=["identity idt_0123456789abcdef01234567 not found"])
     details: list[dict] | None = None
+    request_id: str | None = Field(None, description="the request's X-Request-ID", examples=["req_3f2a9c..."])
 
 
 class ErrorResponse(BaseModel):
-    """Every error: ``{"error": {"code", "message"}}``."""
+    """Every error: ``{"error": {"code", "message", "request_id"}}``."""
 
     error: ErrorBody
 

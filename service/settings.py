@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # how long the worker waits to grow a same-identity batch
     max_batch_images: int = Field(8, ge=1, le=64)  # images per model call
     cache_size: int = Field(32, ge=1, le=10_000)  # predicted adapters kept in memory (LRU)
+    mixed_batches: bool = True  # batch requests of different identities (per-sample adapters); off: one identity
+    # per model call, swapping the merged adapter between calls (the engine before mixed batches)
+    per_sample_max_error: float = Field(1e-3, ge=0.0, le=1.0)  # largest relative error of a non-LoRA adapter's
+    # LoRA export for it to join mixed batches (larger: that identity runs merged in its own call)
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long to let queued work finish
     # --- request limits ---
     max_photos: int = Field(10, ge=1, le=100)  # photos per identity
@@ -91,6 +95,10 @@ class Settings(BaseSettings):
     max_size: int | None = Field(None, ge=8)  # largest width/height (default: per preset)
     max_num_images: int = Field(4, ge=1, le=64)  # images per generation request
     max_job_items: int = Field(1000, ge=1)  # identities x prompts per batch job
+    # --- job events (GET /v1/jobs/{id}/events) ---
+    max_event_streams: int = Field(64, ge=1, le=10_000)  # open Server-Sent-Events streams at once (429 beyond)
+    job_events_poll_s: float = Field(0.25, ge=0.01, le=10.0)  # how often a stream reads the job's state
+    job_events_keepalive_s: float = Field(15.0, ge=0.1, le=300.0)  # a comment line after this long without events
     default_steps: int | None = Field(None, ge=1)  # default: per preset
     default_size: int | None = Field(None, ge=8)  # default: per preset
 

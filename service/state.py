@@ -37,6 +37,7 @@ class ServiceState:
     started: float = field(default_factory=time.time)
     jobs: Any = None  # JobRunner
     uploads: int = 0  # identity uploads in progress or waiting for a face worker
+    event_streams: int = 0  # open GET /v1/jobs/{id}/events streams (changed on the event loop only)
     face_limiter: Any = None  # anyio.CapacityLimiter(settings.face_workers), made on first use (needs a loop)
     on_load_failed: Any = None  # optional callback (difflora serve exits instead of serving a broken model)
 
@@ -102,6 +103,8 @@ class ServiceState:
             cache_size=s.cache_size,
             predict_seed=s.predict_seed,
             threads=s.threads,
+            mixed_batches=s.mixed_batches,
+            per_sample_max_error=s.per_sample_max_error,
         )
         self.engine.start()
         if s.warmup:

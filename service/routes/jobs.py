@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Path
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from ..deps import StateDep
-from ..errors import ApiError
+from ..errors import ApiError, error_body
 from ..jobs import job_items, request_hash
 from ..routes.generations import resolve_params
 from ..schemas import JobPublic, JobRequest, JobResultPublic, JobResultsPublic
@@ -17,12 +21,13 @@ from ..storage import new_id
 from .identities import ERRORS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ACTIVE = ("queued", "running")  # job states that can still change; every other state is final
 
 
 def _public(job: dict) -> JobPublic:
     total, finished = job["total"], job["done"] + job["failed"]
     eta = None
-    if job["status"] in ("queued", "running") and job["seconds_per_item"] is not None:
+    if job["status"] in ACTIVE and job["seconds_per_item"] is not None:
         eta = round(job["seconds_per_item"] * (total - finished), 2)
     return JobPublic(
         id=job["id"], status=job["status"], created=job["created"], started=job["started"], finished=job["finished"],
@@ -89,6 +94,62 @@ async def cancel_job(job_id: str, state: StateDep) -> JobPublic:
         lambda: state.storage.set_job_status(job_id, "canceled", only_from=("queued", "running"))
     )
     return _public(await _job(state, job_id))
+
+
+def _sse(event: str, data: dict, event_id: int) -> str:
+    return f"event: {event}\nid: {event_id}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _job_events(state, first: dict) -> AsyncIterator[str]:
+    """The job as SSE: ``progress`` whenever status / done / failed change, ``end`` once it is final; keep-alive
+    comments in between; ``gone`` (an error body) if the job disappears. Reads the job only through ``_job`` (the
+    storage's public ``get_job``)."""
+    s = state.settings
+    job, last, n = first, None, 0
+    sent = time.monotonic()
+    state.event_streams += 1  # here, not in the route: a stream never started never reaches the finally
+    try:
+        while True:
+            pub = _public(job).model_dump(mode="json")
+            key = (pub["status"], pub["done"], pub["failed"])
+            if key != last:
+                n += 1
+                final = pub["status"] not in ACTIVE
+                yield _sse("end" if final else "progress", pub, n)
+                last, sent = key, time.monotonic()
+                if final:
+                    return
+            elif time.monotonic() - sent >= s.job_events_keepalive_s:
+                yield ": keep-alive\n\n"  # also how a client that left is noticed: the write fails
+                sent = time.monotonic()
+            await asyncio.sleep(s.job_events_poll_s)
+            try:
+                job = await _job(state, first["id"])
+            except ApiError as e:  # the job is gone
+                yield _sse("gone", error_body(e.code, e.detail), n + 1)
+                return
+    finally:
+        state.event_streams -= 1
+
+
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                               "description": "`progress` events (a JobPublic each), then one `end` event"}},
+)  # fmt: skip
+async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
+    """Job progress as Server-Sent Events: one ``progress`` event (data: the job as in ``GET /v1/jobs/{id}``) per
+    change of status / done / failed, a final ``end`` event when the job is no longer queued or running, and
+    ``: keep-alive`` comments while nothing changes. The stream ends after ``end`` or when the client leaves; about
+    ``max_event_streams`` streams at once (429 beyond)."""
+    first = await _job(state, job_id)
+    if state.event_streams >= state.settings.max_event_streams:
+        raise ApiError(
+            429, "too_many_streams", f"at most {state.settings.max_event_streams} event streams at once; poll "
+            f"GET /v1/jobs/{{id}} instead or retry later", headers={"Retry-After": "5"},
+        )  # fmt: skip
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_job_events(state, first), media_type="text/event-stream", headers=headers)
 
 
 @router.get("/{job_id}/results", response_model=JobResultsPublic, responses=ERRORS)

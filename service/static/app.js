@@ -92,6 +92,30 @@ $("generate").addEventListener("click", async () => {
   } catch (e) { showError(info, e); }
 });
 
+// job progress: Server-Sent Events from /v1/jobs/{id}/events; polling when EventSource is missing or fails, or
+// when an API key is set (EventSource cannot send the X-API-Key header)
+const active = (j) => j.status === "queued" || j.status === "running";
+async function pollJob(job, show) {
+  while (active(job)) {
+    show(job);
+    await new Promise((res) => setTimeout(res, 500));
+    job = await api(`/v1/jobs/${job.id}`);
+  }
+  return job;
+}
+function watchJob(job, show) {
+  if (!active(job)) return Promise.resolve(job);
+  if (!window.EventSource || $("api-key").value.trim()) return pollJob(job, show);
+  return new Promise((resolve, reject) => {
+    const es = new EventSource(`/v1/jobs/${job.id}/events`);
+    es.addEventListener("progress", (e) => show(JSON.parse(e.data)));
+    es.addEventListener("end", (e) => { es.close(); resolve(JSON.parse(e.data)); });
+    es.addEventListener("gone", (e) => { es.close(); const err = JSON.parse(e.data).error;
+      reject(Object.assign(new Error(err.message), { code: err.code, status: 404 })); });
+    es.onerror = () => { es.close(); pollJob(job, show).then(resolve, reject); };
+  });
+}
+
 $("run-job").addEventListener("click", async () => {
   const info = $("job-info");
   info.className = "info";
@@ -101,12 +125,10 @@ $("run-job").addEventListener("click", async () => {
   try {
     let job = await api("/v1/jobs", { method: "POST", body: JSON.stringify({ identity_ids: [identityId], prompts }),
       headers: { "Content-Type": "application/json" } });
-    while (job.status === "queued" || job.status === "running") {
-      $("job-progress").value = job.progress;
-      info.textContent = `${job.status}: ${job.done}/${job.total}` + (job.eta_seconds != null ? `, ETA ${job.eta_seconds.toFixed(1)} s` : "");
-      await new Promise((res) => setTimeout(res, 500));
-      job = await api(`/v1/jobs/${job.id}`);
-    }
+    job = await watchJob(job, (j) => {
+      $("job-progress").value = j.progress;
+      info.textContent = `${j.status}: ${j.done}/${j.total}` + (j.eta_seconds != null ? `, ETA ${j.eta_seconds.toFixed(1)} s` : "");
+    });
     $("job-progress").value = job.progress;
     info.textContent = `${job.status}: ${job.done}/${job.total}`;
     const res = await api(job.results_url);

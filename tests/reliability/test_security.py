@@ -166,7 +166,8 @@ def test_forced_500_is_generic(rel_app, monkeypatch):
     monkeypatch.setattr(svc.storage, "get_identity", boom)
     r = client.get("/v1/identities/idt_" + "1" * 24, headers=AUTH)
     assert r.status_code == 500
-    assert r.json() == {"error": {"code": "internal", "message": "internal server error"}}
+    rid = r.headers["x-request-id"]
+    assert r.json() == {"error": {"code": "internal", "message": "internal server error", "request_id": rid}}
     assert not SERVER_PATH.search(r.text) and str(data) not in r.text
 
 

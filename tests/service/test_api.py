@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import logging
+import re
 import time
 import zipfile
 
@@ -357,3 +360,117 @@ def test_uploads_beyond_the_pending_cap_are_429_and_the_count_is_released(client
     _err(client.post("/v1/identities", files=[("photos", ("g.png", buf.getvalue(), "image/png"))]), 422)
     assert client.post("/v1/identities", files=photo_files(OBAMA[:1])).status_code == 201
     assert state.uploads == 0  # released after a rejected and an accepted upload
+
+
+# ---- X-Request-ID -------------------------------------------------------------------------------------------------
+def test_request_id_is_generated_or_echoed_and_in_error_bodies(client):
+    a, b = client.get("/healthz"), client.get("/healthz")
+    assert re.fullmatch(r"req_[0-9a-f]{24}", a.headers["x-request-id"]) and a.headers["x-request-id"] != b.headers[
+        "x-request-id"]  # fmt: skip
+    given = "trace-1.a_b:C"
+    assert client.get("/healthz", headers={"X-Request-ID": given}).headers["x-request-id"] == given
+    for r in (
+        client.get(f"/v1/identities/{MISSING}", headers={"X-Request-ID": given}),  # 404
+        client.post("/v1/generations", json={"prompt": 3}, headers={"X-Request-ID": given}),  # 422
+    ):
+        assert r.headers["x-request-id"] == given and r.json()["error"]["request_id"] == given, r.text
+    r = client.post("/v1/generations", json={"prompt": 3})
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-Request-ID", "has space")],
+        [("X-Request-ID", "x" * 129)],
+        [("X-Request-ID", "")],
+        [("X-Request-ID", "a,b")],
+        [("X-Request-ID", 'quote"d')],
+        [(b"X-Request-ID", b"caf\xe9")],  # not ASCII
+        [("X-Request-ID", "one"), ("X-Request-ID", "two")],
+    ],
+)
+def test_bad_request_ids_are_422_naming_the_header(client, headers):
+    r = client.get("/healthz", headers=headers)
+    err = _err(r, 422, "invalid_request")
+    assert err["message"].startswith("X-Request-ID: ") and err["details"][0]["field"] == "X-Request-ID"
+    assert re.fullmatch(r"req_[0-9a-f]{24}", r.headers["x-request-id"]) and err["request_id"] == r.headers[
+        "x-request-id"]  # fmt: skip
+
+
+def test_request_id_is_in_the_logs(client, caplog):
+    from service.request_id import install_log_filter
+
+    caplog.set_level(logging.INFO, logger="difflora.access")
+    install_log_filter([caplog.handler])
+    client.get(f"/v1/jobs/{MISSING}", headers={"X-Request-ID": "log-me-7"})
+    lines = [r for r in caplog.records if r.name == "difflora.access" and f"/v1/jobs/{MISSING}" in r.getMessage()]
+    assert [(r.request_id, r.getMessage().split()[-2]) for r in lines] == [("log-me-7", "404")]
+
+
+# ---- GET /v1/jobs/{id}/events -------------------------------------------------------------------------------------
+def _events(lines) -> list[tuple[str, dict | None]]:
+    """(event, data) per SSE event of a line iterator; (":", None) per comment line."""
+    out, event, data = [], None, None
+    for line in lines:
+        if line.startswith(":"):
+            out.append((":", None))
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and event is not None:
+            out.append((event, data))
+            event = data = None
+    return out
+
+
+def test_job_events_stream_progress_until_the_end(client, identity):
+    s = client.app.state.svc.settings
+    old = s.job_events_poll_s, s.job_events_keepalive_s
+    s.job_events_poll_s, s.job_events_keepalive_s = 0.02, 0.01  # each item takes several polls: keep-alives
+    try:
+        req = {"identity_ids": [identity["id"]], "prompts": ["a", "b", "c"], "num_images": 2, "seed": 9}
+        jid = client.post("/v1/jobs", json=req).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{jid}/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-request-id"]
+            events = _events(r.iter_lines())
+    finally:
+        s.job_events_poll_s, s.job_events_keepalive_s = old
+    named = [(e, d) for e, d in events if e != ":"]
+    assert [e for e, _ in named] == ["progress"] * (len(named) - 1) + ["end"]
+    done = [d["done"] for _, d in named]
+    assert done == sorted(done) and len(set(done)) == len(done)  # one event per change, none repeated
+    assert named[-1][1]["status"] == "succeeded" and named[-1][1]["done"] == 3 and named[-1][1]["id"] == jid
+    assert named[-1][1] == client.get(f"/v1/jobs/{jid}").json()
+    assert (":", None) in events  # keep-alive comments while an item runs
+    # a finished job: one end event at once
+    with client.stream("GET", f"/v1/jobs/{jid}/events") as r:
+        assert [e for e, _ in _events(r.iter_lines())] == ["end"]
+    _err(client.get(f"/v1/jobs/{'job_' + '0' * 24}/events"), 404, "not_found")
+    assert client.app.state.svc.event_streams == 0
+
+
+def test_job_events_end_when_the_client_leaves_and_are_capped(client, identity):
+    st = client.app.state.svc
+    old = st.settings.max_event_streams
+    st.settings.max_event_streams = 1
+    try:
+        jid = client.post("/v1/jobs", json={"identity_ids": [identity["id"]], "prompts": ["p"] * 20}).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{jid}/events") as r:
+            it = r.iter_lines()  # kept: a dropped line iterator closes the response
+            assert next(it) == "event: progress" and st.event_streams == 1
+            _err(client.get(f"/v1/jobs/{jid}/events"), 429, "too_many_streams")
+        deadline = time.monotonic() + 10
+        while st.event_streams and time.monotonic() < deadline:  # the client left: the stream ended
+            time.sleep(0.05)
+        assert st.event_streams == 0
+    finally:
+        st.settings.max_event_streams = old
+        client.delete(f"/v1/jobs/{jid}")
+
+
+def test_web_page_follows_jobs_with_server_sent_events(client):
+    js = client.get("/static/app.js").text
+    assert "new EventSource(`/v1/jobs/${job.id}/events`)" in js and "pollJob(job, show)" in js

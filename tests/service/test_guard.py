@@ -32,7 +32,7 @@ def guarded(tmp_path_factory):
 def test_api_key(guarded, headers, status):
     r = guarded.get("/v1/identities/idt_" + "0" * 24, headers=headers)
     assert r.status_code == status
-    assert set(r.json()["error"]) == {"code", "message"}
+    assert set(r.json()["error"]) == {"code", "message", "request_id"}
     if status == 401:
         assert r.headers["www-authenticate"].startswith("ApiKey")
 
@@ -95,6 +95,13 @@ def test_cors_off_by_default(guarded):
 
 
 def test_unhandled_error_is_a_generic_500(guarded):
-    r = guarded.get("/v1/boom", headers={"X-API-Key": KEY})
-    assert r.status_code == 500
-    assert r.json() == {"error": {"code": "internal", "message": "internal server error"}}
+    r = guarded.get("/v1/boom", headers={"X-API-Key": KEY, "X-Request-ID": "boom-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "boom-1"
+    assert r.json() == {"error": {"code": "internal", "message": "internal server error", "request_id": "boom-1"}}
+
+
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"X-API-Key": KEY, "Content-Length": "999999"}, 413)])
+def test_guard_answers_carry_the_request_id(guarded, headers, status):
+    r = guarded.post("/v1/generations", headers={**headers, "X-Request-ID": "guard-2"})
+    assert r.status_code == status and r.headers["x-request-id"] == "guard-2"
+    assert r.json()["error"]["request_id"] == "guard-2"

@@ -25,7 +25,10 @@ def test_env_vars(monkeypatch, tmp_path):
      ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "api_key": "long-enough-key"}, True),
      ({"host": "0.0.0.0", "allow_insecure_bind": True}, True), ({"api_key": "short"}, False),
      ({"queue_size": 0}, False), ({"default_steps": 500}, False), ({"device": "cpu"}, True),
-     ({"device": "foo"}, False), ({"device": "meta"}, False), ({"device": "cuda"}, True)],  # cuda: a GPU config
+     ({"device": "foo"}, False), ({"device": "meta"}, False), ({"device": "cuda"}, True),  # cuda: a GPU config
+     ({"per_sample_max_error": 1.5}, False), ({"per_sample_max_error": -0.1}, False),
+     ({"max_event_streams": 0}, False), ({"job_events_poll_s": 0.0}, False), ({"job_events_keepalive_s": 301}, False),
+     ({"per_sample_max_error": 0.0, "max_event_streams": 1, "job_events_poll_s": 0.01}, True)],
 )  # fmt: skip
 def test_validation(kw, ok):
     if ok:
@@ -83,3 +86,10 @@ def test_serve_database_errors_are_one_line_without_the_password(argv, message, 
     assert serve_main([*argv, "--data-dir", str(tmp_path), "--port", "0", "--log-level", "error"]) == 2
     err = capsys.readouterr().err
     assert message in err and "secret" not in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_mixed_batches_flag():
+    from service.main import build_parser, settings_from_args
+
+    assert settings_from_args(build_parser().parse_args([])).mixed_batches is True
+    assert settings_from_args(build_parser().parse_args(["--no-mixed-batches"])).mixed_batches is False
