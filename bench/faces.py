@@ -28,14 +28,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FACES = Path(os.environ.get("DIFFLORA_FACES", "/work/shared/data/faces"))
+from pipeline_data.photos import faces_dir, list_photos  # noqa: E402
+
+FACES = faces_dir()
 # dataset -> (identities sampled, photos per identity, same pairs, different pairs)
 PLAN: dict[str, tuple[int, int, int, int]] = {
     "lfw": (120, 4, 400, 400),
     "celeba": (60, 4, 200, 200),
     "orl": (33, 4, 120, 120),
 }
-SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm"}
 
 
 def sample_photos(seed: int) -> dict[str, dict[str, list[Path]]]:
@@ -44,11 +45,11 @@ def sample_photos(seed: int) -> dict[str, dict[str, list[Path]]]:
     out = {}
     for ds, (n_ids, per_id, _, _) in PLAN.items():
         ids = sorted(d for d in (FACES / ds).iterdir() if d.is_dir())
-        ids = [d for d in ids if sum(p.suffix.lower() in SUFFIXES for p in d.iterdir()) >= 2]
+        ids = [d for d in ids if len(list_photos(d)) >= 2]
         chosen = rng.sample(ids, min(n_ids, len(ids)))
         out[ds] = {}
         for d in sorted(chosen):
-            photos = sorted(p for p in d.iterdir() if p.suffix.lower() in SUFFIXES)
+            photos = list_photos(d)
             out[ds][d.name] = sorted(rng.sample(photos, min(per_id, len(photos))))
     return out
 

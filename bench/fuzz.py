@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 
 from bench._server import stop_server, tiny_world  # noqa: E402
 from bench.reliability import KEY, _mem_mb, _start  # noqa: E402
+from pipeline_data.photos import faces_dir  # noqa: E402
 
-PHOTOS = Path("/work/shared/data/faces/photos")  # an identity from obama*.jpg, so fuzzed paths also hit real ids
+PHOTOS = faces_dir() / "photos"  # an identity from obama*.jpg, so fuzzed paths also hit real ids
 
 
 def _wait_ready(proc: subprocess.Popen, session, url: str, log_path: Path, timeout: float = 300.0) -> None:

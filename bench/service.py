@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._server import free_port, tiny_world  # noqa: E402
+from pipeline_data.photos import faces_dir  # noqa: E402
 
-PHOTOS = REPO.parent / "shared" / "data" / "faces" / "photos"
+PHOTOS = faces_dir() / "photos"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,9 @@ import numpy as np
 
 from weights.safetensors_io import atomic_write_bytes
 
+from .photos import list_photos
 from .recipe import BuildConfig
 from .splits import split_of
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,6 @@ class IdentitySource:
 
 def safe_id(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "identity"
-
-
-def _images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
@@ -72,15 +67,15 @@ def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
     for root in map(Path, faces_dirs):
         if not root.is_dir():
             raise FileNotFoundError(f"faces directory not found: {root}")
-        if _images_in(root):
+        if list_photos(root):
             add(root, root.parent.name)
             continue
         for sub in subdirs(root):
-            if _images_in(sub):
+            if list_photos(sub):
                 add(sub, root.name)
             else:
                 for ident in subdirs(sub):
-                    if _images_in(ident):
+                    if list_photos(ident):
                         add(ident, sub.name)
     return [found[k] for k in sorted(found)]
 
@@ -106,7 +101,7 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
     from .faces.identity import build_identity
     from .tiny.crops import aligned_crop
 
-    paths = _images_in(Path(src.path))[: cfg.max_photos]
+    paths = list_photos(Path(src.path))[: cfg.max_photos]
     rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": os.path.abspath(src.path)}
     rec["split"] = split_of(src.dataset, src.name)
     if len(paths) < cfg.min_photos:

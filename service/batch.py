@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
+from pipeline_data.photos import list_photos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +98,7 @@ def _bad_args(args: argparse.Namespace) -> str | None:
 
 
 def _identity_dirs(faces: Path) -> list[Path]:
-    return sorted(
-        d for d in faces.iterdir() if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir())
-    )
+    return sorted(d for d in faces.iterdir() if d.is_dir() and list_photos(d))
 
 
 def _safe(name: str) -> str:
@@ -145,7 +143,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             t0 = time.perf_counter()
             name = _safe(folder.name)
             dest = out / name
-            photos = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)[: args.max_photos]
+            photos = list_photos(folder)[: args.max_photos]
             ident = build_identity(enc, photos)
             line = {"identity": name, "photos": len(photos), "used": len(ident.inliers)}
             if not ident.inliers:

@@ -13,10 +13,11 @@ from hypernet.cli import main, predict_main
 from hypernet.predict import Predictor
 from pipeline_data.models import load_pipeline
 from pipeline_data.recipe import BuildConfig
-from tests.utils.datasets import FACES
+from tests.utils.faces import FACES, needs_faces
 from weights.io import load_any
 
 OBAMA = sorted(str(p) for p in (FACES / "photos").glob("obama*.jpg"))[:3]
+pytestmark = needs_faces  # every test reads the photos (or the dataset built from them)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 
 from pipeline_data.build import BuildConfig, build, discover, load_dataset_adapters, read_records
 from tests.utils.datasets import DATASET_IDS, FACES, REPO, build_config
+from tests.utils.faces import needs_faces
 from weights.adapter import Adapter
 
 IDS = DATASET_IDS
@@ -123,6 +124,7 @@ def test_killed_build_resumes_to_same_result(local_build: Path, tmp_path: Path) 
     assert_same_dataset(local_build, out)
 
 
+@needs_faces
 def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -152,6 +154,7 @@ def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
     assert any("text.jpg" == r["photo"] for r in rec["rejected"])
 
 
+@needs_faces
 def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> None:
     """A photo that decodes but has no face, followed by usable ones: every crop comes from its own photo."""
     from pipeline_data.build import IdentitySource, prepare_identity
@@ -266,7 +269,7 @@ def test_shipped_dataset_records_resolve_outside_the_repository(
 
     ds = REPO / "data" / "tiny-lora"
     if not (ds / "records").is_dir() or not FACES.is_dir():
-        pytest.skip("data/tiny-lora or the shared faces not present")
+        pytest.skip("data/tiny-lora (built by make tiny-assets) or the face photos not present")
     rec = next(r for r in read_records(ds).values() if r["status"] == "ok")
     monkeypatch.chdir(tmp_path)
     src = record_source(rec, ds)
