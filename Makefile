@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first: anything resolved before it would pull a multi-GB CUDA build (environment.md)
+	# torch first: anything resolved before it would pull a multi-GB CUDA build (docs/architecture.md, Environment)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[faces,insightface,ray,service,dev]'
 	# Debian's chromium for the web-page browser test (Playwright's own browser download fails offline);
@@ -34,7 +34,7 @@ test: setup lint
 serve: setup
 	$(BIN)/difflora serve --preset tiny --host 127.0.0.1 --port 8000
 
-FACES ?= ../shared/data/faces
+FACES ?= $(or $(DIFFLORA_FACES),../shared/data/faces)
 TINY_DATA ?= data/tiny-lora
 # the amplified-MLP row of the table: the best scale in bench/results/quality_val_mlp.json (val identities)
 MLP_SCALE ?= 6

@@ -177,7 +177,7 @@ def test_whole_flow_with_restart(served, tmp_path):
 def test_web_page_in_chromium(served, tmp_path):
     pw = pytest.importorskip("playwright.sync_api")
     srv: Server = served["server"]
-    # the README's screenshot is refreshed only on request, so a test run leaves the tree unchanged
+    # the web page screenshot (docs/results.md) is refreshed only on request, so a test run leaves the tree unchanged
     out = REPO / "bench" / "results" / "web.png" if os.environ.get("DIFFLORA_SCREENSHOT") else tmp_path / "web.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with pw.sync_playwright() as p:
