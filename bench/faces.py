@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline_data.photos import faces_dir, list_photos  # noqa: E402
+from weights.atomic import atomic_write_text  # noqa: E402
 
 FACES = faces_dir()
 # dataset -> (identities sampled, photos per identity, same pairs, different pairs)
@@ -144,7 +144,7 @@ def embed_all(
                 k: [None if v[0] is None else v[0].tolist(), None if v[1] is None else v[1].tolist(), v[2], v[3]]
                 for k, v in table.items()
             }
-            _atomic_write(cache, json.dumps({"meta": meta, "table": ser}))
+            atomic_write_text(cache, json.dumps({"meta": meta, "table": ser}))
     return table, meta
 
 
@@ -188,14 +188,6 @@ def score(pairs, table, threshold: float, which: int = 0) -> dict:
         "mean_similarity_same": round(float(s[y].mean()), 4),
         "mean_similarity_different": round(float(s[~y].mean()), 4),
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "workers": args.workers},
     }
-    _atomic_write(args.out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
     cols = ("set", "pairs", "scored", "skipped", "accuracy", "TAR", "FAR", "AUC", "best thr", "best acc")
     print(f"face verification, backend {args.backend}, threshold {enc.threshold}")

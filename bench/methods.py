@@ -35,7 +35,7 @@ from pipeline_data.build import IdentitySource, build, discover, write_manifest 
 from pipeline_data.photos import list_photos  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
 from pipeline_data.splits import split_of  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 # per-method data-build and hypernet choices; everything else is the LoRA dataset's recipe
 METHODS = {
@@ -168,7 +168,7 @@ def _write(out: Path, ids: list[str], results: dict, args: argparse.Namespace) -
         "hypernet_settings": args.hypernet_set,
         "methods": results,
     }
-    atomic_write_bytes(out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(out, doc, indent=2, sort_keys=True)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,7 +11,6 @@ Writes ``bench/results/service.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._server import free_port, tiny_world  # noqa: E402
 from pipeline_data.photos import faces_dir  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 PHOTOS = faces_dir() / "photos"
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "identity_seconds": ident["seconds"],
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(args.out, res, indent=2)
     tp = res["throughput"]
     rows = [
         ("direct pipeline, median", f"{md * 1000:.1f} ms"),

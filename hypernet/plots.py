@@ -7,7 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
-from weights.safetensors_io import atomic_write_bytes
+from weights.atomic import atomic_write_bytes
 
 PANELS = (  # (title, stage, train key, validation keys)
     ("autoencoder", "autoencoder", "loss", ("val_ae_rel_mse",)),

@@ -115,12 +115,10 @@ def train_identity(
     """
     t0 = time.perf_counter()
     unet = pipe.unet
-    device = unet.device
     height, width = crops.shape[1:3]
     g = torch.Generator("cpu").manual_seed(cfg.seed)
     latents = encode_latents(pipe, crops, g)  # (2N, C, h, w)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    n_train = sched.config.num_train_timesteps
     cond = unet_conditioning(pipe, cfg.caption, cfg.batch_size, height, width)
     prior_cond = (
         unet_conditioning(pipe, cfg.class_prompt, cfg.batch_size, height, width) if prior is not None else None
@@ -143,19 +141,9 @@ def train_identity(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_at(step)
             bs = cfg.batch_size
-            idx = torch.randint(len(latents), (bs,), generator=g)
-            x0 = latents[idx].to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(0, n_train, (bs,), generator=g).to(device)
-            pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = _noise_loss(unet, sched, latents, cond, bs, g)
             if prior is not None and cfg.prior_weight > 0:
-                pidx = torch.randint(len(prior), (bs,), generator=g)
-                p0 = prior[pidx].to(device)
-                pn = torch.randn(p0.shape, generator=g).to(device)
-                pt = torch.randint(0, n_train, (bs,), generator=g).to(device)
-                ppred = unet(sched.add_noise(p0, pn, pt), pt, **_slice_cond(prior_cond, bs)).sample
-                loss = loss + cfg.prior_weight * F.mse_loss(ppred.float(), pn.float())
+                loss = loss + cfg.prior_weight * _noise_loss(unet, sched, prior, _slice_cond(prior_cond, bs), bs, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -170,3 +158,15 @@ def train_identity(
         unet.train(was_training)
     adapter.spec = spec
     return TrainResult(adapter, losses, time.perf_counter() - t0, step_seconds)
+
+
+def _noise_loss(unet, sched, latents: torch.Tensor, cond: dict, bs: int, g: torch.Generator) -> torch.Tensor:
+    """The DreamBooth noise-prediction loss on ``bs`` latents drawn from ``latents`` (N, C, h, w), with noise and
+    timesteps drawn from ``g`` in that order (latents, noise, timesteps)."""
+    device = unet.device
+    idx = torch.randint(len(latents), (bs,), generator=g)
+    x0 = latents[idx].to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=g).to(device)
+    pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
+    return F.mse_loss(pred.float(), noise.float())

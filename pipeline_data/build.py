@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights.safetensors_io import atomic_write_bytes
+from weights.atomic import atomic_write_bytes, atomic_write_json
 
 from .photos import list_photos
 from .recipe import BuildConfig
@@ -86,10 +86,6 @@ def _floats(v: np.ndarray) -> list[float]:
 
 def _rank(identity: str, name: str) -> str:
     return hashlib.sha1(f"{identity}/{name}".encode()).hexdigest()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
 def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) -> dict:
@@ -197,7 +193,7 @@ def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
             loss=res.loss_summary(),
             seconds_train=round(res.seconds, 3),
         )
-    atomic_write_json(out / "records" / f"{src.id}.json", rec)
+    atomic_write_json(out / "records" / f"{src.id}.json", rec, sort_keys=True)
     return rec
 
 
@@ -241,7 +237,7 @@ def _check_config(out: Path, cfg: BuildConfig) -> None:
         if old.training_dict() != cfg.training_dict():
             diff = sorted(k for k, v in cfg.training_dict().items() if old.training_dict().get(k) != v)
             raise ValueError(f"{out} was built with another recipe (differs in: {', '.join(diff)}); use a new --out")
-    atomic_write_json(path, json.loads(cfg.to_json()))
+    atomic_write_json(path, json.loads(cfg.to_json()), sort_keys=True)
 
 
 def build(
@@ -260,13 +256,7 @@ def build(
     from .validate import validate_recipe
 
     validate_recipe(cfg)  # one clear error before anything is written or processed, not one per identity
-    sources = discover(faces_dirs)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        sources = sources[:limit]
-    if not sources:
-        raise ValueError(f"no identity folders with photos found in {', '.join(map(str, faces_dirs))}")
+    sources = _sources(faces_dirs, limit)
     if ray_address:
         from .ray_build import connect
 
@@ -307,16 +297,32 @@ def build(
                 bar.update(1)
     bar.close()
     write_manifest(out)
-    recs = [done[s.id] for s in sources if s.id in done]
+    return _summary([done[s.id] for s in sources if s.id in done], len(sources), failures, time.perf_counter() - t0)
+
+
+def _sources(faces_dirs: Sequence[str | Path], limit: int | None) -> list[IdentitySource]:
+    """The identity folders to build (the first ``limit``); a ValueError when there are none."""
+    sources = discover(faces_dirs)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        sources = sources[:limit]
+    if not sources:
+        raise ValueError(f"no identity folders with photos found in {', '.join(map(str, faces_dirs))}")
+    return sources
+
+
+def _summary(recs: list[dict], identities: int, failures: dict[str, str], wall: float) -> dict:
+    """What :func:`build` returns: counts, skip reasons, failures and seconds per identity."""
     ok = [r for r in recs if r["status"] == "ok"]
     secs = [r.get("seconds_prepare", 0) + r.get("seconds_train", 0) for r in ok]
     return {
-        "identities": len(sources),
+        "identities": identities,
         "ok": len(ok),
         "skipped": {r["identity"]: r["reason"] for r in recs if r["status"] != "ok"},
         "failed": failures,
         "seconds_per_identity": float(np.mean(secs)) if secs else None,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": round(wall, 1),
     }
 
 
@@ -359,7 +365,7 @@ def run_check(out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for k, fig in res["per_identity"].items():
         rec = dict(recs[k], check=fig)
-        atomic_write_json(out / "records" / f"{k}.json", rec)
+        atomic_write_json(out / "records" / f"{k}.json", rec, sort_keys=True)
     write_manifest(out)
-    atomic_write_json(out / "check.json", res)
+    atomic_write_json(out / "check.json", res, sort_keys=True)
     return res

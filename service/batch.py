@@ -68,7 +68,7 @@ def _bad_args(args: argparse.Namespace) -> str | None:
     """The first option out of range, as a message."""
     from pydantic import ValidationError
 
-    from hypernet.checks import finite
+    from pipeline_data.cliargs import finite
 
     from .schemas import GenerateRequest
     from .settings import PRESET_SIZES, check_device
@@ -121,13 +121,13 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
     import numpy as np
 
     from pipeline_data.faces.identity import build_identity
+    from weights.atomic import atomic_write_bytes
     from weights.io import save_adapter
 
     from .engine import GenParams
     from .metrics import Metrics
-    from .routes.generations import encode_png
     from .state import ServiceState
-    from .storage import Storage, atomic_write
+    from .storage import Storage
 
     s = _settings(args)
     state = ServiceState(s, Storage(s.data_dir), Metrics())
@@ -155,16 +155,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             save_adapter(adapter, dest / "adapter.safetensors", "native")
             save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers")
             eng.cache_put(name, adapter.to(eng.device))
-            n = args.num_images
-            futs = [
-                eng.submit_generate(name, params, [p] * n, [args.seed + i * n + k for k in range(n)])
-                for i, p in enumerate(prompts)
-            ]
-            images = []
-            for i, f in enumerate(futs):
-                for k, png in enumerate(encode_png(f.result().images)):
-                    atomic_write(dest / f"{i:03d}-{k}.png", png)
-                    images.append(f"{name}/{i:03d}-{k}.png")
+            images = _generate_all(eng, name, params, prompts, args, dest)
             line.update(
                 ok=True,
                 consistency=round(float(ident.consistency), 4),
@@ -172,7 +163,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
                 seconds=round(time.perf_counter() - t0, 3),
                 predictor_trained=state.predictor_trained,
             )
-            atomic_write(
+            atomic_write_bytes(
                 dest / "identity.json", json.dumps({**line, **ident.to_dict(embedding=False)}, indent=1).encode()
             )
             lines.append(line)
@@ -181,6 +172,26 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
         state.storage.close()
         shutil.rmtree(s.data_dir, ignore_errors=True)
     return lines
+
+
+def _generate_all(eng, name: str, params, prompts: list[str], args: argparse.Namespace, dest: Path) -> list[str]:
+    """Every prompt x ``--num-images`` for the cached identity ``name`` (image k of prompt i has seed
+    ``seed + i * n + k``), queued at once so the worker batches them; PNGs written as ``<i>-<k>.png``."""
+    from weights.atomic import atomic_write_bytes
+
+    from .routes.generations import encode_png
+
+    n = args.num_images
+    futs = [
+        eng.submit_generate(name, params, [p] * n, [args.seed + i * n + k for k in range(n)])
+        for i, p in enumerate(prompts)
+    ]
+    images = []
+    for i, f in enumerate(futs):
+        for k, png in enumerate(encode_png(f.result().images)):
+            atomic_write_bytes(dest / f"{i:03d}-{k}.png", png)
+            images.append(f"{name}/{i:03d}-{k}.png")
+    return images
 
 
 def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> list[dict]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weights.atomic import atomic_write_bytes as atomic_write
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
     id TEXT PRIMARY KEY,
@@ -87,20 +89,6 @@ def valid_id(value: str, prefix: str) -> bool:
     """Does ``value`` look like an id made by :func:`new_id` (so it is safe inside a path)?"""
     head, _, tail = value.partition("_")
     return head == prefix and len(tail) == 24 and all(c in "0123456789abcdef" for c in tail)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass

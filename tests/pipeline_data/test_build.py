@@ -206,8 +206,17 @@ def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> No
         (["{build}", "--max-photos", "3"], "max_photos (3) must be >= min_photos (4)"),
         (["{build}", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
         (["{build}", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
-        (["{build}", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
-        (["{build}", "--ray-address", "nowhere"], "--ray-address 'nowhere': expected local, auto or HOST:PORT"),
+        # the Ray address is checked after the faces folders are found
+        pytest.param(
+            ["{build}", "--ray-address", "127.0.0.1:1"],
+            "cannot reach the Ray cluster at 127.0.0.1:1",
+            marks=needs_faces,
+        ),
+        pytest.param(
+            ["{build}", "--ray-address", "nowhere"],
+            "--ray-address 'nowhere': expected local, auto or HOST:PORT",
+            marks=needs_faces,
+        ),
         (["build", "--faces", "{tmp}", "--out", "{out}"], "no identity folders with photos found in"),
         (["build", "--faces", "{tmp}/missing", "--out", "{out}"], "faces directory not found"),
         (["check", "{tmp}", "--seeds", "-2"], "argument --seeds: must be >= 1, got -2"),
