@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup postgres test lint format serve tiny-assets bench clean
+.PHONY: setup postgres test lint format serve tiny-assets bench probes clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first: anything resolved before it would pull a multi-GB CUDA build (environment.md)
+	# torch first: anything resolved before it would pull a multi-GB CUDA build (docs/architecture.md, Environment)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[faces,insightface,ray,service,dev]'
 	# Debian's chromium for the web-page browser test (Playwright's own browser download fails offline);
@@ -43,7 +43,7 @@ test: setup lint postgres
 serve: setup
 	$(BIN)/difflora serve --preset tiny --host 127.0.0.1 --port 8000
 
-FACES ?= ../shared/data/faces
+FACES ?= $(or $(DIFFLORA_FACES),../shared/data/faces)
 TINY_DATA ?= data/tiny-lora
 # the amplified-MLP row of the table: the best scale in bench/results/quality_val_mlp.json (val identities)
 MLP_SCALE ?= 6
@@ -63,10 +63,6 @@ tiny-assets: setup
 		--mlp-epochs 40 --mlp-scales $(MLP_SCALE)
 	$(BIN)/difflora hypernet eval --dataset $(TINY_DATA) --checkpoint assets/tiny/hypernet --baselines autoencoder \
 		--out bench/results/quality_autoencoder.json
-	$(BIN)/python bench/fidelity_ceiling.py --average 3
-	$(BIN)/python bench/photo_conditioning.py
-	$(BIN)/python bench/gradient_conditioning.py
-	$(BIN)/python bench/span_ceiling.py --seed-ids 150
 	$(BIN)/python bench/samples.py
 	$(BIN)/python bench/personalize.py
 	$(BIN)/python bench/methods.py --lora-dataset $(TINY_DATA) --train 120 --val 8 --eval 24 \
@@ -80,6 +76,15 @@ bench: setup
 	$(BIN)/python bench/personalize.py --base sd15-random --time-steps 3 --train-batch 2 --reps 2 \
 		--hypernet-set autoencoder.kind=linear --hypernet-set autoencoder.latent_tokens=8 \
 		--hypernet-set autoencoder.latent_dim=4 --out bench/results/personalize_sd15_linear.json
+
+# Research probes of the tiny world (docs/hypernet.md, Results on the tiny world): what limits function fidelity.
+# They read the LoRA dataset built by tiny-assets and write bench/results/<probe>.json. Hours on a CPU.
+probes: setup
+	$(BIN)/python -m bench.probes.predictability --dataset $(TINY_DATA)
+	$(BIN)/python -m bench.probes.fidelity_ceiling --dataset $(TINY_DATA) --average 3
+	$(BIN)/python -m bench.probes.photo_conditioning --dataset $(TINY_DATA)
+	$(BIN)/python -m bench.probes.gradient_conditioning --dataset $(TINY_DATA)
+	$(BIN)/python -m bench.probes.span_ceiling --dataset $(TINY_DATA) --seed-ids 150
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

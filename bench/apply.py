@@ -12,7 +12,6 @@ plus our apply/restore for DoRA, SVFit and LoLDU of the same rank and layers. Wr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline_data.models import SD15_UNET_CONFIG  # noqa: E402
 from weights import Adapter, AdapterSpec, apply_adapter, restore, to_diffusers  # noqa: E402
 from weights.adapter import layer_key  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 from weights.spec import LayerInfo, match_targets  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_weight_diff_vs_diffusers_fuse": max_diff,
         "ours_other_methods": methods,
     }
-    atomic_write_bytes(a.out, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(a.out, result, indent=2)
     print(
         f"SD 1.5 UNet ({n_params / 1e6:.0f} M params, built in {build_s:.1f} s), rank {a.rank}, "
         f"{len(lora.spec.layers)} attention layers, median of {a.reps}, {torch.get_num_threads()} threads"

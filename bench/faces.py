@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,14 +27,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FACES = Path(os.environ.get("DIFFLORA_FACES", "/work/shared/data/faces"))
+from pipeline_data.photos import faces_dir, list_photos  # noqa: E402
+from weights.atomic import atomic_write_text  # noqa: E402
+
+FACES = faces_dir()
 # dataset -> (identities sampled, photos per identity, same pairs, different pairs)
 PLAN: dict[str, tuple[int, int, int, int]] = {
     "lfw": (120, 4, 400, 400),
     "celeba": (60, 4, 200, 200),
     "orl": (33, 4, 120, 120),
 }
-SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm"}
 
 
 def sample_photos(seed: int) -> dict[str, dict[str, list[Path]]]:
@@ -44,11 +45,11 @@ def sample_photos(seed: int) -> dict[str, dict[str, list[Path]]]:
     out = {}
     for ds, (n_ids, per_id, _, _) in PLAN.items():
         ids = sorted(d for d in (FACES / ds).iterdir() if d.is_dir())
-        ids = [d for d in ids if sum(p.suffix.lower() in SUFFIXES for p in d.iterdir()) >= 2]
+        ids = [d for d in ids if len(list_photos(d)) >= 2]
         chosen = rng.sample(ids, min(n_ids, len(ids)))
         out[ds] = {}
         for d in sorted(chosen):
-            photos = sorted(p for p in d.iterdir() if p.suffix.lower() in SUFFIXES)
+            photos = list_photos(d)
             out[ds][d.name] = sorted(rng.sample(photos, min(per_id, len(photos))))
     return out
 
@@ -143,7 +144,7 @@ def embed_all(
                 k: [None if v[0] is None else v[0].tolist(), None if v[1] is None else v[1].tolist(), v[2], v[3]]
                 for k, v in table.items()
             }
-            _atomic_write(cache, json.dumps({"meta": meta, "table": ser}))
+            atomic_write_text(cache, json.dumps({"meta": meta, "table": ser}))
     return table, meta
 
 
@@ -187,14 +188,6 @@ def score(pairs, table, threshold: float, which: int = 0) -> dict:
         "mean_similarity_same": round(float(s[y].mean()), 4),
         "mean_similarity_different": round(float(s[~y].mean()), 4),
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "workers": args.workers},
     }
-    _atomic_write(args.out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
     cols = ("set", "pairs", "scored", "skipped", "accuracy", "TAR", "FAR", "AUC", "best thr", "best acc")
     print(f"face verification, backend {args.backend}, threshold {enc.threshold}")

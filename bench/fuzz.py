@@ -11,7 +11,6 @@ Writes ``bench/results/fuzz.json`` and prints a table. Exit status 1 on any serv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -25,8 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from bench._server import stop_server, tiny_world  # noqa: E402
 from bench.reliability import KEY, _mem_mb, _start  # noqa: E402
+from pipeline_data.photos import faces_dir  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
-PHOTOS = Path("/work/shared/data/faces/photos")  # an identity from obama*.jpg, so fuzzed paths also hit real ids
+PHOTOS = faces_dir() / "photos"  # an identity from obama*.jpg, so fuzzed paths also hit real ids
 
 
 def _wait_ready(proc: subprocess.Popen, session, url: str, log_path: Path, timeout: float = 300.0) -> None:
@@ -95,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_before": mem_before.get("VmRSS"), "rss_mb_after": mem_after.get("VmRSS"),
         "operations": report["operations"], "platform": platform.platform(), "cpus": os.cpu_count(),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write_json(args.out, result, indent=2)
 
     print(f"{'operation':52s} {'cases':>5s} {'5xx':>4s} {'viol':>4s}  statuses")
     for label, o in report["operations"].items():
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result['cases']} cases in {result['seconds']} s: {result['server_errors']} server errors, "
         f"{result['violations']} schema violations; ready after: {ready_after}; "
-        f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MiB -> {out}"
+        f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MiB -> {args.out}"
     )
     return 1 if result["server_errors"] or result["violations"] or not ready_after else 0
 

@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO))
 from hypernet.evaluate import EvalConfig, evaluate  # noqa: E402
 from hypernet.fit import train_on_dataset  # noqa: E402
 from hypernet.tune import tune_sampling  # noqa: E402
-from pipeline_data.build import IdentitySource, _images_in, build, discover, write_manifest  # noqa: E402
+from pipeline_data.build import IdentitySource, build, discover, write_manifest  # noqa: E402
+from pipeline_data.photos import list_photos  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
 from pipeline_data.splits import split_of  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 # per-method data-build and hypernet choices; everything else is the LoRA dataset's recipe
 METHODS = {
@@ -47,7 +48,7 @@ METHODS = {
 
 def pick_identities(faces: list[Path], n_train: int, n_val: int, n_eval: int) -> list[IdentitySource]:
     """Identity folders with at least ``min_photos`` images, first of each split in sha256 order of the id."""
-    srcs = [s for s in discover(faces) if len(_images_in(Path(s.path))) >= BuildConfig().min_photos]
+    srcs = [s for s in discover(faces) if len(list_photos(s.path)) >= BuildConfig().min_photos]
     srcs.sort(key=lambda s: hashlib.sha256(s.id.encode()).hexdigest())
     want = {"train": n_train, "val": n_val, "eval": n_eval}
     out = []
@@ -167,7 +168,7 @@ def _write(out: Path, ids: list[str], results: dict, args: argparse.Namespace) -
         "hypernet_settings": args.hypernet_set,
         "methods": results,
     }
-    atomic_write_bytes(out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(out, doc, indent=2, sort_keys=True)
     import matplotlib
 
     matplotlib.use("Agg")

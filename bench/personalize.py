@@ -39,7 +39,7 @@ from pipeline_data.build import IdentitySource, prepare_identity  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
 from pipeline_data.models import load_pipeline  # noqa: E402
 from pipeline_data.recipe import BuildConfig  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "faces" / "lfw" / "Abdullah_Gul"
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "device": "cpu",
     }
-    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    atomic_write_json(out, res, indent=2)
     print(f"{'path':<34}{'seconds':>10}")
     print(f"{'photos -> adapter (hypernet)':<34}{pred:>10.3f}")
     print(f"{'photos -> adapter (fine-tune)':<34}{t_train:>10.2f}")

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._server import free_port, stop_server, tiny_world  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 KEY = "bench-reliability-key"
 RSS_BOUND_MB = 400  # allowed peak-RSS rise over the ready server: a decoded 14000^2 bomb alone would be ~560 MiB
@@ -230,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                          "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
     if args.rounds == 0 and out.is_file():  # keep what the file holds (read now: a parallel run may have written)
         result = {**json.loads(out.read_text()), **result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out, result, indent=1)
     _print(result, args.rounds)
     ok = True
     if args.rounds:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,8 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._server import free_port, tiny_world  # noqa: E402
+from pipeline_data.photos import faces_dir  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
-FACES = Path(os.environ.get("DIFFLORA_FACES", str(REPO.parent / "shared" / "data" / "faces")))
+FACES = faces_dir()
 PHOTOS = FACES / "photos"
 
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed_identities": mixed,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(args.out, res, indent=2)
     tp = res["throughput"]
     rows = [
         ("direct pipeline, median", f"{md * 1000:.1f} ms"),

@@ -1,6 +1,6 @@
 """``difflora hypernet train|eval`` and ``difflora predict``.
 
-``train --dataset DIR`` trains on a ``difflora data build`` output (``--synthetic`` on the built-in synthetic
+``train --dataset DIR`` trains on a ``difflora data build`` output (``--synthetic-demo`` on the built-in synthetic
 dataset, a demo); ``eval`` writes the evaluation table; ``predict`` turns photos into an adapter file.
 """
 
@@ -10,17 +10,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checks import dumps, finite, positive, resolve_device, seed, writable_dir, writable_file
+from pipeline_data.cliargs import finite, positive, resolve_device, seed, writable_dir, writable_file
+
 from .config import PRESETS, get_preset
+from .strict_json import dumps
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflora hypernet", description="Train and evaluate the hypernetwork.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_tune(sub)
+    return p
+
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train the weight autoencoder, then the denoiser")
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", type=Path, help="a `difflora data build` output directory")
-    src.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic LoRA dataset (demo)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--dataset", type=Path, help="a `difflora data build` output directory (the real adapters)")
+    src.add_argument(
+        "--synthetic-demo", action="store_true", help="a demo on the built-in synthetic LoRA dataset instead"
+    )
     t.add_argument("--token-dim", type=int, default=64, help="values per adapter token (--dataset)")
     t.add_argument(
         "--canonicalize", action="store_true", help="SVD-canonicalise LoRA/DoRA factors (default: raw factors)"
@@ -34,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="training seed (model init, batches, noise)")
     t.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="settings",
-        help="override any preset field, e.g. --set autoencoder.latent_tokens=8 --set train.cfg_scale=2",
+        help="override any preset field, e.g. --set autoencoder.latent_tokens=8 --set sampling.cfg_scale=2",
     )  # fmt: skip
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: the preset's, auto)")
@@ -44,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation identities (of the rest)")
     t.add_argument("--mlp-steps", type=int, default=1500, help="training steps of the regression-MLP baseline")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="the evaluation table on the dataset's held-out (eval split) identities")
     e.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
     e.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (from `hypernet train`)")
@@ -65,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--mlp-scales", default="", help="extra rows: the MLP's deviation from the mean amplified x s, e.g. 2,4,6"
     )
+
+
+def _add_tune(sub) -> None:
     u = sub.add_parser("tune", help="choose CFG scale and samples averaged on the dataset's val identities")
     u.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
     u.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (updated in place)")
@@ -77,7 +94,6 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     u.add_argument("--limit", type=int, default=16, help="val identities used (0: all)")
     u.add_argument("--seeds", type=int, default=4, help="generations per option and identity")
-    return p
 
 
 def _numbers(text: str, flag: str, kind: type = float) -> tuple:
@@ -138,6 +154,8 @@ def _train_overrides(args: argparse.Namespace, settings: list[str]) -> dict:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     cfg = get_preset(args.preset).with_overrides(settings)  # type-checks the --set values
+    if args.ae_steps is not None and cfg.autoencoder.kind == "linear":
+        raise ValueError("--ae-steps has no effect with autoencoder.kind=linear (fitted in closed form, no steps)")
     replace(cfg.train, **overrides)  # checks the overridden fields
     return overrides
 
@@ -199,8 +217,9 @@ SYNTHETIC_DEMO_SETTINGS = [
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from weights.atomic import atomic_write_text
+
     from .baselines import MeanAdapter, MLPConfig, NearestNeighbour, RegressionMLP
-    from .checkpoint import atomic_write_text
     from .metrics import summarize, weight_metrics
     from .sample import Hypernet
     from .synthetic import SyntheticConfig, make_synthetic
@@ -225,8 +244,8 @@ def _train(args: argparse.Namespace) -> int:
           progress=not args.no_progress)  # fmt: skip
     hn = Hypernet.load(args.out)
     mean = train_set.tokens.mean(0)  # (T, D)
-    tc = hn.config.train
-    preds = {"hypernet": hn.predict_tokens(test.cond, steps=tc.sample_steps, cfg_scale=tc.cfg_scale)}
+    s = hn.config.sampling
+    preds = {"hypernet": hn.predict_tokens(test.cond, steps=s.steps, cfg_scale=s.cfg_scale, samples=s.samples)}
     baselines = {
         "mean": MeanAdapter(),
         "nearest": NearestNeighbour(),
@@ -248,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if args.command == "train":
+            if args.dataset is None and not args.synthetic_demo:
+                raise ValueError(
+                    "--dataset DIR is required: a `difflora data build` output (`make tiny-assets` builds "
+                    "data/tiny-lora); --synthetic-demo trains the demo on synthetic adapters instead"
+                )
             return _train_dataset(args) if args.dataset else _train(args)
         if args.command == "eval":
             return _eval(args)

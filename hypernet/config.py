@@ -95,16 +95,12 @@ class TrainConfig:
     eval_every: int = 250  # steps between validation metrics (EMA model)
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # how many step checkpoints to keep
-    sample_steps: int = 50  # DDIM steps for the final held-out evaluation
-    cfg_scale: float = 1.0  # CFG scale for the final held-out evaluation (and the predictor's default)
-    sample_count: int = 1  # DDIM samples averaged per prediction (>1: a posterior-mean estimate)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        positive = ("batch_size", "max_cond_photos", "log_every", "eval_every", "ckpt_every", "sample_steps")
-        for name in (*positive, "sample_count"):
+        for name in ("batch_size", "max_cond_photos", "log_every", "eval_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if self.ae_steps < 0 or self.dn_steps < 0:
@@ -116,12 +112,71 @@ class TrainConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How a trained hypernet samples an adapter. Its own file beside the checkpoint (``sampling.json``): training
+    writes the preset's, ``hypernet tune`` replaces it with the option it chose on val identities, and
+    :class:`hypernet.predict.Predictor` uses it as its defaults. The final validation of a training run uses it too."""
+
+    steps: int = 50  # DDIM steps (1: the posterior mean E[z | photos] in one step)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1: the conditional model alone)
+    samples: int = 1  # DDIM samples averaged per prediction (>1: a posterior-mean estimate)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling {name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"sampling cfg_scale must be a finite number, got {self.cfg_scale}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingConfig:
+        return cls(**_checked(cls, "sampling", d))
+
+
+SECTIONS = ("autoencoder", "denoiser", "train", "sampling")
+# knobs that one autoencoder kind never reads: setting them with that kind is refused, not silently ignored
+IGNORED_BY_KIND: dict[str, frozenset[str]] = {
+    "linear": frozenset(
+        {
+            f"autoencoder.{k}"
+            for k in (
+                "hidden",
+                "depth_enc",
+                "depth_dec",
+                "heads",
+                "mlp_ratio",
+                "input_noise",
+                "latent_noise",
+                "magnitude_weight",
+            )
+        }
+        | {"train.ae_steps", "train.ae_lr"}
+    ),  # fmt: skip
+    "transformer": frozenset({"autoencoder.ridge"}),
+}
+
+
+def refuse_ignored(kind: str, keys: list[str] | set[str]) -> None:
+    """A ValueError naming the ``section.field`` keys that the ``kind`` autoencoder does not read."""
+    bad = sorted(k for k in keys if k in IGNORED_BY_KIND.get(kind, ()))
+    if bad:
+        other = "transformer" if kind == "linear" else "linear"
+        raise ValueError(
+            f"{', '.join(bad)} {'has' if len(bad) == 1 else 'have'} no effect with autoencoder.kind={kind} "
+            f"(only the {other} kind reads {'it' if len(bad) == 1 else 'them'}); drop "
+            f"{'it' if len(bad) == 1 else 'them'} or set autoencoder.kind={other}"
+        )
+
+
+@dataclass
 class HypernetConfig:
-    """Everything needed to rebuild (and re-train) a hypernetwork; stored as ``config.json``."""
+    """Everything needed to rebuild (and re-train) a hypernetwork and sample from it. The first three sections are
+    stored as ``config.json``; ``sampling`` as ``sampling.json`` beside it (:mod:`hypernet.checkpoint`)."""
 
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         ae, k = self.autoencoder, self.autoencoder.latent_tokens * self.autoencoder.latent_dim
@@ -141,26 +196,30 @@ class HypernetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HypernetConfig:
-        unknown = set(d) - {"autoencoder", "denoiser", "train"}
+        unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown hypernet config sections: {sorted(unknown)}")
         return cls(
             autoencoder=AutoencoderConfig(**_checked(AutoencoderConfig, "autoencoder", d.get("autoencoder", {}))),
             denoiser=DenoiserConfig(**_checked(DenoiserConfig, "denoiser", d.get("denoiser", {}))),
             train=TrainConfig(**_checked(TrainConfig, "train", d.get("train", {}))),
+            sampling=SamplingConfig.from_dict(d.get("sampling", {})),
         )
 
     def with_overrides(self, items: list[str] | dict[str, Any]) -> HypernetConfig:
-        """A copy with ``section.field=value`` overrides (values parsed as JSON, else kept as strings)."""
+        """A copy with ``section.field=value`` overrides (values parsed as JSON, else kept as strings). A knob that
+        the resulting autoencoder kind does not read is refused (:data:`IGNORED_BY_KIND`)."""
         d = self.to_dict()
-        pairs = items.items() if isinstance(items, dict) else [_split_override(s) for s in items]
+        pairs = list(items.items()) if isinstance(items, dict) else [_split_override(s) for s in items]
         for key, value in pairs:
             section, _, name = key.partition(".")
             if section not in d or name not in d[section]:
                 fields_ = sorted(f"{sec}.{f}" for sec in d for f in d[sec])
                 raise ValueError(f"unknown hypernet setting {key!r}; one of: {', '.join(fields_)}")
             d[section][name] = value
-        return HypernetConfig.from_dict(d)
+        cfg = HypernetConfig.from_dict(d)
+        refuse_ignored(cfg.autoencoder.kind, {k for k, _ in pairs})
+        return cfg
 
     def for_data(self, num_tokens: int, token_dim: int, num_layers: int, cond_dim: int) -> HypernetConfig:
         """A copy with the data-dependent sizes set."""
@@ -242,8 +301,8 @@ def tiny() -> HypernetConfig:
             ema_decay=0.99,
             eval_every=100,
             ckpt_every=500,
-            sample_steps=25,
         ),
+        sampling=SamplingConfig(steps=25),
     )
 
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from pipeline_data.check import generate, generate_with
+from pipeline_data.cliargs import finite, positive
 from weights.adapter import Adapter
 from weights.apply import apply_adapter, restore
 from weights.methods import get_method, method_config
 
-from .checks import finite, positive
 from .table import CANDIDATES, tabulate
 
 OPTIONAL = ("mean", "nearest", "mlp", "autoencoder")  # candidates chosen with ``EvalConfig.baselines``
@@ -120,7 +120,6 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     from pipeline_data.models import load_pipeline
 
     from .adapter_data import load_adapter_dataset
-    from .baselines import MeanAdapter, MLPConfig, NearestNeighbour, RegressionMLP
     from .predict import Predictor
 
     cfg = cfg or EvalConfig()
@@ -136,12 +135,56 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
     )
     if ds.layout.spec_hash != predictor.layout.spec_hash:
         raise ValueError("the checkpoint was trained on adapters of another spec than this dataset's")
-    # baselines learn from what the hypernet learnt from: train+val for the table, train only when tuning on val
+    train_rows, eval_rows = _rows(ds, cfg)
+    conds = [ds.data.cond[i] for i in eval_rows]
+    tokens, seconds = _baseline_tokens(ds, train_rows, eval_rows, predictor, cfg)
+    main = (cfg.cfg_scale, cfg.samples, cfg.sample_steps)
+    hyper_rows = {"hypernet": main} | {variant_name(*v): v for v in cfg.variants if v != main}
+    for name, (scale, n, steps) in hyper_rows.items():
+        t0 = time.perf_counter()
+        tokens[name] = predictor.predict_batch(conds, steps=steps, cfg_scale=scale, samples=n)
+        seconds[name] = (time.perf_counter() - t0) / len(conds)
+
+    pipe = load_pipeline(ds.recipe.get("base", "tiny"))
+    encoder = get_encoder(ds.face_backend)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    seeds = list(range(cfg.seeds))
+    caption = ds.recipe.get("caption", "a photo of sks person")
+    names = [c for c in CANDIDATES if c not in OPTIONAL or c in cfg.baselines]
+    names += [n for n in [*hyper_rows, *tokens] if n not in names]
+    per: dict[str, dict[str, dict]] = {c: {} for c in names}
+    base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
+    from tqdm.auto import tqdm
+
+    for k, row in enumerate(tqdm(eval_rows, desc=f"{cfg.split} identities", unit="id", disable=not cfg.progress)):
+        rec = ds.records[row]
+        cands: dict[str, Adapter | None] = {"base": None, "oracle": ds.adapter(row)}
+        cands.update({n: tokens[n][k] if n in hyper_rows else ds.adapter(row, tokens[n][k]) for n in tokens})
+        scores = score_candidates(pipe, sched, encoder, rec, cands, cfg, base_imgs, ds.recipe)
+        for c, m in scores.items():
+            per[c][rec["identity"]] = m
+    return tabulate(per, seconds, cfg)
+
+
+def _rows(ds, cfg: EvalConfig) -> tuple[list[int], list[int]]:
+    """(rows the baselines learn from, rows scored). The baselines learn from what the hypernet learnt from:
+    train+val for the table, train only when tuning on val."""
     fit_splits = ("train", "val") if cfg.split == "eval" else ("train",)
     train_rows = [i for i, r in enumerate(ds.records) if r.get("split") in fit_splits]
     eval_rows = [i for i, r in enumerate(ds.records) if r.get("split") == cfg.split][: cfg.limit]
     if not eval_rows or not train_rows:
         raise ValueError(f"need train and {cfg.split} identities, got {len(train_rows)} and {len(eval_rows)}")
+    return train_rows, eval_rows
+
+
+def _baseline_tokens(
+    ds, train_rows: list[int], eval_rows: list[int], predictor, cfg: EvalConfig
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The baselines' predicted tokens ``name -> (B, T, D)`` for the scored rows, and their seconds per identity:
+    the autoencoder row, the fitted baselines and the amplified-MLP rows."""
+    from .baselines import MeanAdapter, MLPConfig, NearestNeighbour, RegressionMLP
+
     train = ds.data.subset(train_rows)
     conds = [ds.data.cond[i] for i in eval_rows]
     tokens: dict[str, Any] = {}  # name -> (B, T, D) baseline tokens, or B adapters of a hypernet row
@@ -172,33 +215,7 @@ def evaluate(dataset_dir: str | Path, checkpoint_dir: str | Path, cfg: EvalConfi
         for s in cfg.mlp_scales:
             tokens[f"mlp_x{s:g}"] = mean + s * (pred - mean)
             seconds[f"mlp_x{s:g}"] = per_id
-    main = (cfg.cfg_scale, cfg.samples, cfg.sample_steps)
-    hyper_rows = {"hypernet": main} | {variant_name(*v): v for v in cfg.variants if v != main}
-    for name, (scale, n, steps) in hyper_rows.items():
-        t0 = time.perf_counter()
-        tokens[name] = predictor.predict_batch(conds, steps=steps, cfg_scale=scale, samples=n)
-        seconds[name] = (time.perf_counter() - t0) / len(conds)
-
-    pipe = load_pipeline(ds.recipe.get("base", "tiny"))
-    encoder = get_encoder(ds.face_backend)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    seeds = list(range(cfg.seeds))
-    caption = ds.recipe.get("caption", "a photo of sks person")
-    names = [c for c in CANDIDATES if c not in OPTIONAL or c in cfg.baselines]
-    names += [n for n in [*hyper_rows, *tokens] if n not in names]
-    per: dict[str, dict[str, dict]] = {c: {} for c in names}
-    base_imgs = generate(pipe, caption, seeds, steps=cfg.gen_steps, guidance=cfg.guidance, size=size)  # shared
-    from tqdm.auto import tqdm
-
-    for k, row in enumerate(tqdm(eval_rows, desc=f"{cfg.split} identities", unit="id", disable=not cfg.progress)):
-        rec = ds.records[row]
-        cands: dict[str, Adapter | None] = {"base": None, "oracle": ds.adapter(row)}
-        cands.update({n: tokens[n][k] if n in hyper_rows else ds.adapter(row, tokens[n][k]) for n in tokens})
-        scores = score_candidates(pipe, sched, encoder, rec, cands, cfg, base_imgs, ds.recipe)
-        for c, m in scores.items():
-            per[c][rec["identity"]] = m
-    return tabulate(per, seconds, cfg)
+    return tokens, seconds
 
 
 @torch.no_grad()
@@ -240,8 +257,8 @@ def score_candidates(
     heldout = np.asarray(rec["heldout_crop_embeddings"], dtype=np.float32)  # (H, E)
     # function fidelity inputs: the identity's training and held-out photos, fixed noise and timesteps
     pad = recipe.get("crop_padding", 0.3)
-    eps = _photo_eps(pipe, sched, cands, identity_crops(rec, encoder, size, pad), cfg.timesteps, caption, 0)
-    eps_ho = _photo_eps(
+    eps = photo_eps(pipe, sched, cands, identity_crops(rec, encoder, size, pad), cfg.timesteps, caption, 0)
+    eps_ho = photo_eps(
         pipe, sched, cands, identity_crops(rec, encoder, size, pad, "heldout"), cfg.timesteps, caption, 1
     )
     d_oracle = _delta_vector(pipe.unet, cands["oracle"])
@@ -251,8 +268,8 @@ def score_candidates(
         emb = encoder.embed_images_as_faces(list(imgs))  # (K, E)
         sim = float(np.mean(encoder.similarity(emb[:, None, :], heldout[None, :, :])))
         no_face = float(np.mean([not encoder.detect(_upscale(im)) for im in imgs]))
-        fid, fcos = _fidelity(eps, c)
-        fid_ho, _ = _fidelity(eps_ho, c)
+        fid, fcos = effect_fidelity(eps, c)
+        fid_ho, _ = effect_fidelity(eps_ho, c)
         dv = _delta_vector(pipe.unet, a) if a is not None else torch.zeros_like(d_oracle)
         cos = (
             float(torch.nn.functional.cosine_similarity(dv.double(), d_oracle.double(), dim=0))
@@ -280,13 +297,13 @@ def photo_inputs(pipe, crops: np.ndarray, timesteps, caption: str, seed: int) ->
     return lat, noise, ts, unet_conditioning(pipe, caption, len(lat), size, size)
 
 
-def _photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: str, seed: int) -> dict:
+def photo_eps(pipe, sched, cands: dict, crops: np.ndarray, timesteps, caption: str, seed: int) -> dict:
     """Every candidate's noise prediction on the crops, at fixed VAE samples, noise and timesteps."""
     lat, noise, ts, cond = photo_inputs(pipe, crops, timesteps, caption, seed)
     return {c: _eps(pipe, sched, a, lat, noise, ts, cond) for c, a in cands.items()}
 
 
-def _fidelity(eps: dict, c: str) -> tuple[float, float]:
+def effect_fidelity(eps: dict, c: str) -> tuple[float, float]:
     """(function fidelity, cosine of the effects) of candidate ``c`` against ``eps["oracle"]``, both from base."""
     if "base" not in eps:
         return float("nan"), float("nan")

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_data import load_adapter_dataset
-from .checks import dumps
 from .config import HypernetConfig, get_preset
 from .predict import RECIPE_NAME, save_adapter_meta
+from .strict_json import dumps
 
 
 def recipe_flags(build_config: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def train_on_dataset(
     out = Path(out_dir)
     final = train(cfg, train_set, out, val_set=val_set, device=device, resume=resume, progress=progress)
     save_adapter_meta(out, ds.layout, ds.spec, ds.template, ds.face_backend)
-    from weights.safetensors_io import atomic_write_bytes
+    from weights.atomic import atomic_write_bytes
 
     flags = recipe_flags(ds.recipe)
     atomic_write_bytes(out / RECIPE_NAME, (dumps(flags, indent=2, sort_keys=True) + "\n").encode())

@@ -35,10 +35,10 @@ def save_adapter_meta(
     directory: str | Path, layout: TokenLayout, spec: AdapterSpec, template: Adapter, face_backend: str
 ) -> None:
     """Write the layout/spec and the frozen-tensor template next to a hypernetwork checkpoint (atomically)."""
+    from weights.atomic import atomic_write_bytes
     from weights.formats.native import save_native
-    from weights.safetensors_io import atomic_write_bytes
 
-    from .checks import dumps
+    from .strict_json import dumps
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -96,10 +96,10 @@ class Predictor:
         if (T, D) != (layout.num_tokens, layout.token_dim):
             raise ValueError(f"hypernet makes ({T}, {D}) tokens, the layout needs ({layout.num_tokens}, {D})")
         self.hypernet, self.layout, self.spec, self.template = hypernet, layout, spec, template
-        tc = hypernet.config.train  # sampling defaults: the ones the checkpoint was validated with
-        self.steps = tc.sample_steps if steps is None else steps
-        self.cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
-        self.samples = tc.sample_count if samples is None else samples
+        s = hypernet.config.sampling  # defaults: the checkpoint's sampling.json (chosen by `hypernet tune`)
+        self.steps = s.steps if steps is None else steps
+        self.cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
+        self.samples = s.samples if samples is None else samples
         self.face_backend, self.trained = face_backend, trained
 
     @property

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline_data.cliargs import finite
+from pipeline_data.cliargs import seed as check_seed
+
 from .checkpoint import EMA_NAME, MODEL_NAME, load_config, load_state
-from .checks import finite
-from .checks import seed as check_seed
 from .config import HypernetConfig
 from .data import pad_conditions
 from .model import HypernetModel

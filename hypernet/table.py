@@ -11,26 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_data.check import bootstrap_ci
+from pipeline_data.stats import mean_ci, ratio_ci
 
-from .checks import dumps
+from .strict_json import dumps
 
 CANDIDATES = ("base", "mean", "nearest", "mlp", "autoencoder", "hypernet", "oracle")
 COLORS = {"base": "#999", "hypernet": "#c33", "oracle": "#36c", "autoencoder": "#e9a"}  # others: light grey
-
-
-def summary(values: list[float]) -> dict:
-    """Mean and bootstrap 95% interval of per-identity values."""
-    lo, hi = bootstrap_ci(values)
-    return {"mean": float(np.mean(values)), "ci95": [lo, hi]}
-
-
-def _ratio_summary(num: np.ndarray, den: np.ndarray, n: int = 2000, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(n, len(num)))
-    boots = num[idx].sum(1) / np.where(den[idx].sum(1) == 0, np.nan, den[idx].sum(1))
-    lo, hi = np.nanquantile(boots, [0.025, 0.975])
-    return {"mean": float(num.sum() / den.sum()) if den.sum() else float("nan"), "ci95": [float(lo), float(hi)]}
 
 
 def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, float] | None = None) -> dict:
@@ -44,16 +30,16 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
     gain_h = np.array([per["hypernet"][i]["sim"] for i in ids]) - base if "hypernet" in per else None
     for c in per:
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
-        recovery = _ratio_summary(gain, oracle_gain)
+        recovery = ratio_ci(gain, oracle_gain)
         # the hypernet's recovery minus c's, paired over identities (the "above nearest neighbour" target)
-        adv = _ratio_summary(gain_h - gain, oracle_gain) if gain_h is not None and c != "hypernet" else None
-        fidelity = summary([per[c][i]["function_fidelity"] for i in ids])
+        adv = ratio_ci(gain_h - gain, oracle_gain) if gain_h is not None and c != "hypernet" else None
+        fidelity = mean_ci([per[c][i]["function_fidelity"] for i in ids])
         held = [per[c][i].get("function_fidelity_heldout") for i in ids]
-        held = summary(held) if None not in held else None  # tables scored before the field have none
+        held = mean_ci(held) if None not in held else None  # tables scored before the field have none
         rows[c] = {
             "identity_recovery": recovery["mean"],
             "identity_recovery_ci95": recovery["ci95"],
-            "identity_gain": summary(list(gain)),
+            "identity_gain": mean_ci(list(gain)),
             "function_fidelity": fidelity["mean"],
             "function_fidelity_ci95": fidelity["ci95"],
             **(
@@ -93,7 +79,7 @@ def tabulate(per: dict, seconds: dict, cfg: Any) -> dict:
 
 def write_results(res: dict, out_file: str | Path) -> None:
     """JSON (atomic) plus a PNG bar chart next to it."""
-    from weights.safetensors_io import atomic_write_bytes
+    from weights.atomic import atomic_write_bytes
 
     out = Path(out_file)
     atomic_write_bytes(out, (dumps(res, indent=2, sort_keys=True) + "\n").encode())

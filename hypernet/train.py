@@ -26,18 +26,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline_data.cliargs import resolve_device
+from weights.atomic import atomic_write_text
+
 from .autoencoder import magnitude_weight, reconstruction_loss
 from .checkpoint import (
     EMA_NAME,
     MODEL_NAME,
     atomic_save_tensors,
-    atomic_write_text,
     load_config,
     load_state,
     save_config,
     state_to_tensors,
 )
-from .checks import dumps, resolve_device
 from .config import HypernetConfig
 from .data import HypernetDataset, fit_token_stats, mean_embedding, pad_conditions, sample_condition_subsets
 from .linear_autoencoder import LinearAutoencoder
@@ -45,6 +46,7 @@ from .metrics import summarize, weight_metrics
 from .model import HypernetModel
 from .plots import plot_metrics
 from .sample import Hypernet
+from .strict_json import dumps
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -234,8 +236,10 @@ class Trainer:
                 self.diffusion.training_loss(lambda x, tt: ema.denoiser(x, tt, cond, cmask), x0, t, noise)
             )
         if final and self.ae_done:
-            tc = self.cfg.train
-            pred = Hypernet(ema, self.device).predict_tokens(ds.cond, steps=tc.sample_steps, cfg_scale=tc.cfg_scale)
+            s = self.cfg.sampling
+            pred = Hypernet(ema, self.device).predict_tokens(
+                ds.cond, steps=s.steps, cfg_scale=s.cfg_scale, samples=s.samples
+            )
             s = summarize(weight_metrics(pred, ds.tokens, ds.mask, ema.token_mean.cpu()))
             out |= {f"val_{k}": v for k, v in s.items()}
         return out

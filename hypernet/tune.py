@@ -2,20 +2,23 @@
 
 Every option is scored by identity recovery on validation identities (never ``eval``: the table's identities stay
 untouched) in one pass (base and oracle generated once); the best is written into the checkpoint's
-``config.json`` (``train.cfg_scale``, ``train.sample_count``, ``train.sample_steps``), which
-:class:`hypernet.predict.Predictor` uses as its defaults, and every score into ``tuning.json`` beside it.
+``sampling.json`` (its only file that changes), which :class:`hypernet.predict.Predictor` uses as its defaults,
+and every score into ``tuning.json`` beside it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CONFIG_NAME, atomic_write_text, load_config, read_json, save_config
-from .checks import dumps, finite, positive, writable_dir
+from pipeline_data.cliargs import finite, positive, writable_dir
+from weights.atomic import atomic_write_text
+
+from .checkpoint import load_config, save_sampling
+from .config import SamplingConfig
 from .evaluate import EvalConfig, evaluate, variant_name
+from .strict_json import dumps
 
 TUNING_NAME = "tuning.json"
 
@@ -71,6 +74,25 @@ def tune_sampling(
         sample_steps=pairs[0][2], variants=tuple(pairs[1:]), progress=progress,
     )  # fmt: skip
     res = evaluate(dataset_dir, checkpoint_dir, ecfg)
+    scores = _option_scores(res, pairs)
+    base_no_face = res["baselines"]["base"]["no_face_rate"]
+    best, eligible = choose_option(scores, base_no_face, max_no_face_increase)
+    out = {
+        "split": "val", "seeds": seeds, "limit": limit, "scores": scores, "chosen": best,
+        "base_no_face_rate": base_no_face, "max_no_face_increase": max_no_face_increase,
+        "no_face_constraint_met": eligible,
+    }  # fmt: skip
+    if write:
+        d = Path(checkpoint_dir)
+        chosen = SamplingConfig(steps=best["sample_steps"], cfg_scale=best["cfg_scale"], samples=best["samples"])
+        save_sampling(chosen, d)
+        atomic_write_text(d / TUNING_NAME, dumps(out, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _option_scores(res: dict, pairs: list[tuple[float, int, int]]) -> list[dict]:
+    """One score row per (cfg_scale, samples, sample_steps) option from the evaluation result (the first option is
+    its hypernet row, the others its variants)."""
     scores = []
     for scale, n, steps in pairs:
         h = res["hypernet"] if (scale, n, steps) == pairs[0] else res["variants"][variant_name(scale, n, steps)]
@@ -86,19 +108,4 @@ def tune_sampling(
                 "n_identities": res["n_identities"],
             }
         )
-    base_no_face = res["baselines"]["base"]["no_face_rate"]
-    best, eligible = choose_option(scores, base_no_face, max_no_face_increase)
-    out = {
-        "split": "val", "seeds": seeds, "limit": limit, "scores": scores, "chosen": best,
-        "base_no_face_rate": base_no_face, "max_no_face_increase": max_no_face_increase,
-        "no_face_constraint_met": eligible,
-    }  # fmt: skip
-    if write:
-        d = Path(checkpoint_dir)
-        cfg = load_config(d)
-        tc = replace(cfg.train, cfg_scale=best["cfg_scale"], sample_count=best["samples"])
-        cfg = replace(cfg, train=replace(tc, sample_steps=best["sample_steps"]))
-        old = read_json(d / CONFIG_NAME)
-        save_config(cfg, d, {k: v for k, v in old.items() if k not in (*cfg.to_dict(), "format_version")})
-        atomic_write_text(d / TUNING_NAME, dumps(out, indent=2, sort_keys=True) + "\n")
-    return out
+    return scores

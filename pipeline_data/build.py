@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from weights.safetensors_io import atomic_write_bytes
+from weights.atomic import atomic_write_bytes, atomic_write_json
 
+from .photos import list_photos
 from .recipe import BuildConfig
 from .splits import split_of
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,6 @@ class IdentitySource:
 
 def safe_id(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "identity"
-
-
-def _images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
@@ -72,15 +67,15 @@ def discover(faces_dirs: Sequence[str | Path]) -> list[IdentitySource]:
     for root in map(Path, faces_dirs):
         if not root.is_dir():
             raise FileNotFoundError(f"faces directory not found: {root}")
-        if _images_in(root):
+        if list_photos(root):
             add(root, root.parent.name)
             continue
         for sub in subdirs(root):
-            if _images_in(sub):
+            if list_photos(sub):
                 add(sub, root.name)
             else:
                 for ident in subdirs(sub):
-                    if _images_in(ident):
+                    if list_photos(ident):
                         add(ident, sub.name)
     return [found[k] for k in sorted(found)]
 
@@ -91,10 +86,6 @@ def _floats(v: np.ndarray) -> list[float]:
 
 def _rank(identity: str, name: str) -> str:
     return hashlib.sha1(f"{identity}/{name}".encode()).hexdigest()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
 def prepare_identity(
@@ -110,7 +101,7 @@ def prepare_identity(
     from .tiny.crops import aligned_crop
 
     need = cfg.min_photos if min_photos is None else min_photos
-    paths = _images_in(Path(src.path))[: cfg.max_photos]
+    paths = list_photos(Path(src.path))[: cfg.max_photos]
     rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": os.path.abspath(src.path)}
     rec["split"] = split_of(src.dataset, src.name)
     if len(paths) < need:
@@ -237,7 +228,7 @@ def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
             loss=res.loss_summary(),
             seconds_train=round(res.seconds, 3),
         )
-    atomic_write_json(out / "records" / f"{src.id}.json", rec)
+    atomic_write_json(out / "records" / f"{src.id}.json", rec, sort_keys=True)
     return rec
 
 
@@ -288,7 +279,7 @@ def _check_config(out: Path, cfg: BuildConfig) -> None:
     diff = changed_fields(path, cfg)
     if diff:
         raise ValueError(f"{out} was built with another recipe (differs in: {', '.join(diff)}); use a new --out")
-    atomic_write_json(path, json.loads(cfg.to_json()))
+    atomic_write_json(path, json.loads(cfg.to_json()), sort_keys=True)
 
 
 def build(
@@ -307,13 +298,7 @@ def build(
     from .validate import validate_recipe
 
     validate_recipe(cfg)  # one clear error before anything is written or processed, not one per identity
-    sources = discover(faces_dirs)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        sources = sources[:limit]
-    if not sources:
-        raise ValueError(f"no identity folders with photos found in {', '.join(map(str, faces_dirs))}")
+    sources = _sources(faces_dirs, limit)
     if ray_address:
         from .ray_build import connect
 
@@ -356,16 +341,33 @@ def build(
     bar.close()
     write_manifest(out)
     recs = [done[s.id] for s in sources if s.id in done]
+    return {**_summary(recs, len(sources), failures, time.perf_counter() - t0), "workers": workers}
+
+
+def _sources(faces_dirs: Sequence[str | Path], limit: int | None) -> list[IdentitySource]:
+    """The identity folders to build (the first ``limit``); a ValueError when there are none."""
+    sources = discover(faces_dirs)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        sources = sources[:limit]
+    if not sources:
+        raise ValueError(f"no identity folders with photos found in {', '.join(map(str, faces_dirs))}")
+    return sources
+
+
+def _summary(recs: list[dict], identities: int, failures: dict[str, str], wall: float) -> dict:
+    """What :func:`build` returns (with ``workers``: per process, identities built this run and model loads):
+    counts, skip reasons, failures and seconds per identity."""
     ok = [r for r in recs if r["status"] == "ok"]
     secs = [r.get("seconds_prepare", 0) + r.get("seconds_train", 0) for r in ok]
     return {
-        "identities": len(sources),
+        "identities": identities,
         "ok": len(ok),
         "skipped": {r["identity"]: r["reason"] for r in recs if r["status"] != "ok"},
         "failed": failures,
         "seconds_per_identity": float(np.mean(secs)) if secs else None,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "workers": workers,  # per process: identities built (this run) and model loads (1 each, however many)
+        "wall_seconds": round(wall, 1),
     }
 
 
@@ -420,7 +422,7 @@ def run_check(out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for k, fig in res["per_identity"].items():
         rec = dict(recs[k], check=fig)
-        atomic_write_json(out / "records" / f"{k}.json", rec)
+        atomic_write_json(out / "records" / f"{k}.json", rec, sort_keys=True)
     write_manifest(out)
-    atomic_write_json(out / "check.json", res)
+    atomic_write_json(out / "check.json", res, sort_keys=True)
     return res

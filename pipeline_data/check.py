@@ -16,24 +16,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline_data.stats import mean_ci
 from weights.adapter import Adapter
 from weights.apply import apply_adapter, restore
 
 
-def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def summarize(values: Sequence[float]) -> dict:
-    lo, hi = bootstrap_ci(values)
-    return {"mean": float(np.mean(values)) if len(values) else float("nan"), "ci95": [lo, hi], "n": len(values)}
+    """Mean, bootstrap 95 % interval and count of per-identity values."""
+    return {**mean_ci(values), "n": len(values)}
 
 
 @torch.no_grad()

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     if isinstance(args, int):
         return args
-    from weights.safetensors_io import atomic_write_bytes
+    from weights.atomic import atomic_write_json
 
     from .build import build, run_check
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, rc = _summary(out, None, check), 0
     except (ValueError, FileNotFoundError, OSError) as e:
         return _fail(" ".join(str(e).split()), args.cmd)
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / "summary.json", summary, indent=2, sort_keys=True)
     if args.summary:
-        atomic_write_bytes(args.summary, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_json(args.summary, summary, indent=2, sort_keys=True)
     return rc

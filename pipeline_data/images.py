@@ -270,58 +270,68 @@ def decode_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     raw, label = _read_source(data, max_bytes)
     formats = None if allow_formats is None else [f.upper() for f in allow_formats]
-    sniffed = _sniff(raw[:16])
-
     with warnings.catch_warnings():
         # Our own cap replaces Pillow's global one; Pillow's bomb *error* (2x its limit) is still mapped below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(raw), formats=formats)
-        except Image.DecompressionBombError:  # declared size over twice Pillow's own cap: far over ours too
-            raise ImageTooLargeError(
-                f"{label}: declared size is over the {max_pixels:,}-pixel limit (a decompression bomb?)"
-            ) from None
-        except UnidentifiedImageError:
-            if sniffed and formats is not None and sniffed not in formats:
-                allowed = ", ".join(formats)
-                raise UnsupportedFormatError(
-                    f"{label}: {sniffed} images are not accepted (allowed: {allowed})"
-                ) from None
-            if sniffed:
-                raise CorruptImageError(f"{label}: looks like {sniffed} but its header cannot be parsed") from None
-            raise NotAnImageError(f"{label}: not an image (unrecognised data, {len(raw):,} bytes)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise _load_error(e, label, raw) from None
-
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            raise CorruptImageError(f"{label}: declares an empty size {w}x{h}")
-        if w * h > max_pixels:
-            raise ImageTooLargeError(f"{label}: {w}x{h} = {w * h:,} pixels, over the {max_pixels:,}-pixel limit")
-
-        fmt = im.format or "?"
-        n_frames = getattr(im, "n_frames", 1)
-        if fmt != "MPO" and (getattr(im, "is_animated", False) or n_frames > 1):
-            # MPO (camera JPEG with a preview frame) is a still photo: its first frame is the picture.
-            raise AnimatedImageError(f"{label}: animated {fmt} with {n_frames} frames; send a still photo")
-
-        if max_side is not None and fmt == "JPEG" and max(w, h) > max_side:
-            im.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale: far less work and memory
-        if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; we never accept partial images
-            raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode untrusted images")
-        try:
-            im.load()
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(f"{label}: {e}") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-            raise _load_error(e, label, raw) from None
-
+        im = _open_checked(raw, label, formats, max_pixels)
+        _load_checked(im, raw, label, max_side)
     if exif_transpose:
         try:
             im = ImageOps.exif_transpose(im) or im
         except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a good photo unusable
             pass
-    arr = to_rgb_array(im)
+    return _downscaled(to_rgb_array(im), max_side)
+
+
+def _open_checked(raw: bytes, label: str, formats: list[str] | None, max_pixels: int) -> Image.Image:
+    """Open (header only) and check what the header declares: a known, allowed format, a size within the pixel
+    cap, a still image. Nothing is decoded yet."""
+    sniffed = _sniff(raw[:16])
+    try:
+        im = Image.open(io.BytesIO(raw), formats=formats)
+    except Image.DecompressionBombError:  # declared size over twice Pillow's own cap: far over ours too
+        raise ImageTooLargeError(
+            f"{label}: declared size is over the {max_pixels:,}-pixel limit (a decompression bomb?)"
+        ) from None
+    except UnidentifiedImageError:
+        if sniffed and formats is not None and sniffed not in formats:
+            allowed = ", ".join(formats)
+            raise UnsupportedFormatError(f"{label}: {sniffed} images are not accepted (allowed: {allowed})") from None
+        if sniffed:
+            raise CorruptImageError(f"{label}: looks like {sniffed} but its header cannot be parsed") from None
+        raise NotAnImageError(f"{label}: not an image (unrecognised data, {len(raw):,} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _load_error(e, label, raw) from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise CorruptImageError(f"{label}: declares an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{label}: {w}x{h} = {w * h:,} pixels, over the {max_pixels:,}-pixel limit")
+    fmt = im.format or "?"
+    n_frames = getattr(im, "n_frames", 1)
+    if fmt != "MPO" and (getattr(im, "is_animated", False) or n_frames > 1):
+        # MPO (camera JPEG with a preview frame) is a still photo: its first frame is the picture.
+        raise AnimatedImageError(f"{label}: animated {fmt} with {n_frames} frames; send a still photo")
+    return im
+
+
+def _load_checked(im: Image.Image, raw: bytes, label: str, max_side: int | None) -> None:
+    """Decode the pixels (JPEGs at reduced size when ``max_side`` allows); a partial image is an error."""
+    w, h = im.size
+    if max_side is not None and im.format == "JPEG" and max(w, h) > max_side:
+        im.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale: far less work and memory
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; we never accept partial images
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode untrusted images")
+    try:
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{label}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise _load_error(e, label, raw) from None
+
+
+def _downscaled(arr: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``arr`` (H, W, 3) resized (Lanczos) so its longer side is at most ``max_side``."""
     if max_side is not None and max(arr.shape[:2]) > max_side:
         hh, ww = arr.shape[:2]
         s = max_side / max(hh, ww)

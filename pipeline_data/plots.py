@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights.safetensors_io import atomic_write_bytes
+from weights.atomic import atomic_write_bytes
 
 
 def pyplot():

@@ -10,7 +10,7 @@ from typing import Any
 from weights.spec import AdapterSpec
 
 # Targets that give the adapter layers at every resolution of the UNet (attention, resnet convs, proj, ff):
-# attention-only rank-4 LoRAs carried almost no identity in the tiny-world probes (environment.md).
+# attention-only rank-4 LoRAs carried almost no identity in the tiny-world probes (docs/tiny.md, "The first probes").
 FULL_TARGETS = [
     "to_q",
     "to_k",

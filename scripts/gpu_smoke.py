@@ -21,7 +21,6 @@ Prints one line per stage and a summary; ``--json PATH`` also writes everything 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 # Stable Diffusion 1.5's public component configs (unet/, vae/, text_encoder/ config.json)
 from pipeline_data.models import SD15_UNET_CONFIG as SD15_UNET  # noqa: E402
+from weights.atomic import atomic_write_json  # noqa: E402
 
 SD15_VAE = {
     "in_channels": 3,
@@ -375,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max |dW| {result['max_abs_delta_w']:.3g}, image finite {result['image_finite']}"
     )
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(args.json, result, indent=2)
     return 0 if ok else 1
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
+from pipeline_data.photos import list_photos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def _bad_args(args: argparse.Namespace) -> str | None:
     """The first option out of range, as a message."""
     from pydantic import ValidationError
 
-    from hypernet.checks import finite
+    from pipeline_data.cliargs import finite
 
     from .schemas import GenerateRequest
     from .settings import PRESET_SIZES, check_device
@@ -99,9 +99,7 @@ def _bad_args(args: argparse.Namespace) -> str | None:
 
 
 def _identity_dirs(faces: Path) -> list[Path]:
-    return sorted(
-        d for d in faces.iterdir() if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir())
-    )
+    return sorted(d for d in faces.iterdir() if d.is_dir() and list_photos(d))
 
 
 def _safe(name: str) -> str:
@@ -124,13 +122,13 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
     import numpy as np
 
     from pipeline_data.faces.identity import build_identity
+    from weights.atomic import atomic_write_bytes
     from weights.io import save_adapter
 
     from .engine import GenParams
     from .metrics import Metrics
-    from .routes.generations import encode_png
     from .state import ServiceState
-    from .storage import Storage, atomic_write
+    from .storage import Storage
 
     s = _settings(args)
     state = ServiceState(s, Storage(s.data_dir), Metrics())
@@ -146,7 +144,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             t0 = time.perf_counter()
             name = _safe(folder.name)
             dest = out / name
-            photos = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)[: args.max_photos]
+            photos = list_photos(folder)[: args.max_photos]
             ident = build_identity(enc, photos)
             line = {"identity": name, "photos": len(photos), "used": len(ident.inliers)}
             if not ident.inliers:
@@ -158,16 +156,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             save_adapter(adapter, dest / "adapter.safetensors", "native")
             save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers")
             eng.cache_put(name, adapter.to(eng.device))
-            n = args.num_images
-            futs = [
-                eng.submit_generate(name, params, [p] * n, [args.seed + i * n + k for k in range(n)])
-                for i, p in enumerate(prompts)
-            ]
-            images = []
-            for i, f in enumerate(futs):
-                for k, png in enumerate(encode_png(f.result().images)):
-                    atomic_write(dest / f"{i:03d}-{k}.png", png)
-                    images.append(f"{name}/{i:03d}-{k}.png")
+            images = _generate_all(eng, name, params, prompts, args, dest)
             line.update(
                 ok=True,
                 consistency=round(float(ident.consistency), 4),
@@ -175,7 +164,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
                 seconds=round(time.perf_counter() - t0, 3),
                 predictor_trained=state.predictor_trained,
             )
-            atomic_write(
+            atomic_write_bytes(
                 dest / "identity.json", json.dumps({**line, **ident.to_dict(embedding=False)}, indent=1).encode()
             )
             lines.append(line)
@@ -197,6 +186,26 @@ def ray_worker_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.device.startswith("cuda"):
         return argparse.Namespace(**{**vars(args), "device": "cuda"})
     return args
+
+
+def _generate_all(eng, name: str, params, prompts: list[str], args: argparse.Namespace, dest: Path) -> list[str]:
+    """Every prompt x ``--num-images`` for the cached identity ``name`` (image k of prompt i has seed
+    ``seed + i * n + k``), queued at once so the worker batches them; PNGs written as ``<i>-<k>.png``."""
+    from weights.atomic import atomic_write_bytes
+
+    from .routes.generations import encode_png
+
+    n = args.num_images
+    futs = [
+        eng.submit_generate(name, params, [p] * n, [args.seed + i * n + k for k in range(n)])
+        for i, p in enumerate(prompts)
+    ]
+    images = []
+    for i, f in enumerate(futs):
+        for k, png in enumerate(encode_png(f.result().images)):
+            atomic_write_bytes(dest / f"{i:03d}-{k}.png", png)
+            images.append(f"{name}/{i:03d}-{k}.png")
+    return images
 
 
 def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> list[dict]:

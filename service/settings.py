@@ -28,7 +28,7 @@ def check_device(device: str, available: bool = True) -> str:
     """``device`` as a torch device string (``auto``: CUDA when available, else CPU), else a ValueError naming what
     is wrong. ``available``: the device must also exist on this machine (checked by serve and batch before any
     model is loaded; a settings object for another machine, e.g. a GPU deploy config, only needs to parse)."""
-    from hypernet.checks import resolve_device
+    from pipeline_data.cliargs import resolve_device
 
     return str(resolve_device(device, available))
 

@@ -18,6 +18,7 @@ import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -176,76 +177,22 @@ def apply_adapter(
     cfg = method_config(spec)
     cache = _cache(model)
     layer_params, shared = _group_params(adapter)
-    fast_lora = spec.method == "lora"
-    fast_dora = spec.method == "dora" and method.trainable == ("A", "B", "magnitude")
+    fast = "lora" if spec.method == "lora" else None
+    if spec.method == "dora" and method.trainable == ("A", "B", "magnitude"):
+        fast = "dora"
+    merge = _Merge(method, cfg, float(scale), shared, fast)
     with cache.lock:
-        # 1. validate everything before writing anything
-        mods = []
-        for lay in spec.layers:
-            mod = cache.module(lay.name)
-            w = getattr(mod, "weight", None)
-            if not isinstance(w, Tensor):
-                raise AdapterMismatchError(f"module {lay.name!r} has no weight tensor")
-            if tuple(w.shape) != tuple(lay.shape):
-                raise AdapterMismatchError(
-                    f"layer {lay.name!r}: model weight has shape {tuple(w.shape)}, adapter expects {tuple(lay.shape)}"
-                    " (adapter made for another base model?)"
-                )
-            if lay.name not in layer_params:
-                raise AdapterMismatchError(f"adapter has no tensors for its layer {lay.name!r}")
-            if fast_lora or fast_dora:
-                _check_lora(lay.name, layer_params[lay.name], w)
-            mods.append(mod)
+        mods = _validated_modules(cache, spec, layer_params, check_lora=fast is not None)  # before any write
         if cache.inplace != inplace:  # mode switch: back to the originals, then forget them
             _restore_all(cache)
             cache.originals.clear()
             cache.inplace = inplace
-        # 2. layers of the previous adapter that this one does not touch go back to the original
-        names = {lay.name for lay in spec.layers}
-        for name in [n for n in cache.touched if n not in names]:
-            _restore_layer(cache, name)
-            cache.touched.discard(name)
+        _restore_untargeted(cache, {lay.name for lay in spec.layers})
         cache.active = None
         checks: list[Tensor] = []
         try:
             for lay, mod in zip(spec.layers, mods):
-                live = mod.weight.detach()
-                o = _original(cache, lay.name, live)
-                if inplace:
-                    w = live
-                else:
-                    if o.buf is None or not (o.buf.shape == live.shape and o.buf.dtype == live.dtype):
-                        o.buf = torch.empty_like(o.weight)
-                    w = o.buf
-                p = layer_params[lay.name]
-                cache.touched.add(lay.name)
-                moved_bias = False
-                if fast_lora:
-                    _merge_lora(w, o.weight, p, scale * cfg.scale)
-                elif fast_dora:
-                    _merge_dora(w, o.weight, p, cfg.scale, scale)
-                else:
-                    key = method.shared_key(lay.shape, cfg)
-                    if key is not None:
-                        p = {**p, **shared.get(key, {})}
-                    p = {k: v.to(device=w.device, non_blocking=True) for k, v in p.items()}
-                    Wf = o.weight.float()  # (m, n[, kh, kw]) fp32 (no copy for fp32 weights)
-                    dW = method.delta(Wf, p, cfg)  # fp32, like W
-                    if w.dtype == torch.float32:
-                        torch.add(Wf, dW, alpha=scale, out=w)
-                    else:
-                        w.copy_(torch.add(Wf, dW, alpha=scale))
-                    if method.has_bias_delta:
-                        db = method.bias_delta(Wf, p, cfg)  # (m,) or None
-                        if db is not None:
-                            _merge_bias(lay.name, mod, o, db, scale)
-                            moved_bias = True
-                if not moved_bias:
-                    _restore_bias(mod, o)  # a previous adapter (ARC) moved this layer's bias
-                if inplace:
-                    o.version = w._version
-                elif not _same_tensor(live, w):
-                    mod.weight.data = w
+                w = _merge_layer(cache, lay, mod, layer_params[lay.name], merge, inplace)
                 if safe:
                     checks.append(torch.isfinite(w).all())
         except (AdapterMismatchError, StaleStateError):
@@ -265,6 +212,99 @@ def apply_adapter(
         state = ApplyState(spec.method, spec.hash(), float(scale), tuple(lay.name for lay in spec.layers))
         cache.active = state
         return state
+
+
+def _validated_modules(
+    cache: _ModelCache, spec, layer_params: dict[str, dict[str, Tensor]], check_lora: bool
+) -> list[nn.Module]:
+    """The module of every layer of ``spec``, after checking that each has a weight of the spec's shape and that
+    the adapter has its tensors (LoRA/DoRA factors' shapes too): nothing is written unless everything fits."""
+    mods = []
+    for lay in spec.layers:
+        mod = cache.module(lay.name)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, Tensor):
+            raise AdapterMismatchError(f"module {lay.name!r} has no weight tensor")
+        if tuple(w.shape) != tuple(lay.shape):
+            raise AdapterMismatchError(
+                f"layer {lay.name!r}: model weight has shape {tuple(w.shape)}, adapter expects {tuple(lay.shape)}"
+                " (adapter made for another base model?)"
+            )
+        if lay.name not in layer_params:
+            raise AdapterMismatchError(f"adapter has no tensors for its layer {lay.name!r}")
+        if check_lora:
+            _check_lora(lay.name, layer_params[lay.name], w)
+        mods.append(mod)
+    return mods
+
+
+def _restore_untargeted(cache: _ModelCache, names: set[str]) -> None:
+    """Layers of the previous adapter that the new one does not target go back to the original."""
+    for name in [n for n in cache.touched if n not in names]:
+        _restore_layer(cache, name)
+        cache.touched.discard(name)
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """What merging one adapter needs at every layer."""
+
+    method: Any  # the adapter's method module (weights.methods)
+    cfg: Any  # its MethodConfig
+    scale: float  # user scale λ
+    shared: dict[str, dict[str, Tensor]]  # shared tensors by group key (ARC)
+    fast: str | None  # "lora" / "dora": the fused paths; None: ΔW from the method
+
+
+def _merge_layer(cache: _ModelCache, lay, mod: nn.Module, p: dict[str, Tensor], m: _Merge, inplace: bool) -> Tensor:
+    """Write one layer's merged weight into the live weight (or, not ``inplace``, into the layer's buffer, then
+    swapped in) from the cached original; the bias follows. Returns the merged weight."""
+    live = mod.weight.detach()
+    o = _original(cache, lay.name, live)
+    if inplace:
+        w = live
+    else:
+        if o.buf is None or not (o.buf.shape == live.shape and o.buf.dtype == live.dtype):
+            o.buf = torch.empty_like(o.weight)
+        w = o.buf
+    cache.touched.add(lay.name)
+    if m.fast == "lora":
+        _merge_lora(w, o.weight, p, m.scale * m.cfg.scale)
+        moved_bias = False
+    elif m.fast == "dora":
+        _merge_dora(w, o.weight, p, m.cfg.scale, m.scale)
+        moved_bias = False
+    else:
+        moved_bias = _merge_delta(w, o, lay, mod, p, m)
+    if not moved_bias:
+        _restore_bias(mod, o)  # a previous adapter (ARC) moved this layer's bias
+    if inplace:
+        o.version = w._version
+    elif not _same_tensor(live, w):
+        mod.weight.data = w
+    return w
+
+
+def _merge_delta(w: Tensor, o: _Original, lay, mod: nn.Module, p: dict[str, Tensor], m: _Merge) -> bool:
+    """Any method: ``w = W₀ + λ·ΔW(W₀, p)`` computed in fp32 (and the bias delta where the method has one).
+    Returns whether the bias was moved."""
+    method, cfg, scale, shared = m.method, m.cfg, m.scale, m.shared
+    key = method.shared_key(lay.shape, cfg)
+    if key is not None:
+        p = {**p, **shared.get(key, {})}
+    p = {k: v.to(device=w.device, non_blocking=True) for k, v in p.items()}
+    Wf = o.weight.float()  # (m, n[, kh, kw]) fp32 (no copy for fp32 weights)
+    dW = method.delta(Wf, p, cfg)  # fp32, like W
+    if w.dtype == torch.float32:
+        torch.add(Wf, dW, alpha=scale, out=w)
+    else:
+        w.copy_(torch.add(Wf, dW, alpha=scale))
+    if method.has_bias_delta:
+        db = method.bias_delta(Wf, p, cfg)  # (m,) or None
+        if db is not None:
+            _merge_bias(lay.name, mod, o, db, scale)
+            return True
+    return False
 
 
 def _check_lora(name: str, p: dict[str, Tensor], w: Tensor) -> None:

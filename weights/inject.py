@@ -134,15 +134,7 @@ def inject_adapter(
     """
     method, cfg = get_method(spec.method), method_config(spec)
     found = find_targets(model, spec)
-    layers = [
-        LayerInfo(n, tuple(m.weight.shape), "conv" if isinstance(m, nn.Conv2d) else "linear") for n, m in found.items()
-    ]
-    if spec.layers and [(x.name, tuple(x.shape)) for x in spec.layers] != [(x.name, x.shape) for x in layers]:
-        raise ValueError(f"spec.layers ({len(spec.layers)}) do not match the model's targeted layers ({len(layers)})")
-    if adapter is not None and adapter.spec.method != spec.method:
-        raise ValueError(f"adapter method {adapter.spec.method!r} differs from spec method {spec.method!r}")
-    for lay in layers:
-        method.check_shape(lay.shape, cfg)
+    layers = _checked_layers(found, spec, method, cfg, adapter)
     spec = dataclasses.replace(spec, layers=layers)
 
     def prep(t: Tensor, device: torch.device) -> Tensor:
@@ -164,15 +156,7 @@ def inject_adapter(
             shared[group] = {
                 k: nn.Parameter(prep(t, dev), requires_grad=k in method.shared_trainable()) for k, t in init.items()
             }
-        if adapter is not None:
-            p = adapter.layer_params(lay.name)
-            missing = [k for k in method.trainable if k not in p]
-            if missing:
-                raise ValueError(f"adapter lacks trainable tensors {missing} for layer {lay.name!r}")
-            if any(k not in p for k in method.frozen):  # e.g. a predicted adapter: rebuild U/Vh, L/U/perm from W
-                p = {**method.init_layer(W.detach(), cfg, generator), **p}
-        else:
-            p = method.init_layer(W.detach(), cfg, generator)
+        p = _initial_params(lay.name, W, method, cfg, adapter, generator)
         params = {k: prep(t, dev) for k, t in p.items()}
         wrappers[lay.name] = AdaptedLayer(mod, spec, method, cfg, params, shared.get(group), group)
     # all wrappers built without error: only now touch the model
@@ -183,6 +167,37 @@ def inject_adapter(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapper)
     return spec
+
+
+def _checked_layers(found: dict[str, nn.Module], spec: AdapterSpec, method, cfg, adapter: Adapter | None) -> list:
+    """The targeted layers' infos, checked against ``spec.layers`` (when given), the adapter's method and the
+    method's shape rules."""
+    layers = [
+        LayerInfo(n, tuple(m.weight.shape), "conv" if isinstance(m, nn.Conv2d) else "linear") for n, m in found.items()
+    ]
+    if spec.layers and [(x.name, tuple(x.shape)) for x in spec.layers] != [(x.name, x.shape) for x in layers]:
+        raise ValueError(f"spec.layers ({len(spec.layers)}) do not match the model's targeted layers ({len(layers)})")
+    if adapter is not None and adapter.spec.method != spec.method:
+        raise ValueError(f"adapter method {adapter.spec.method!r} differs from spec method {spec.method!r}")
+    for lay in layers:
+        method.check_shape(lay.shape, cfg)
+    return layers
+
+
+def _initial_params(
+    name: str, W: Tensor, method, cfg, adapter: Adapter | None, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    """One layer's starting tensors: the adapter's (frozen buffers rebuilt from W where it lacks them, e.g. a
+    predicted adapter's SVFit U/Vh), else the method's init."""
+    if adapter is None:
+        return method.init_layer(W.detach(), cfg, generator)
+    p = adapter.layer_params(name)
+    missing = [k for k in method.trainable if k not in p]
+    if missing:
+        raise ValueError(f"adapter lacks trainable tensors {missing} for layer {name!r}")
+    if any(k not in p for k in method.frozen):  # e.g. a predicted adapter: rebuild U/Vh, L/U/perm from W
+        p = {**method.init_layer(W.detach(), cfg, generator), **p}
+    return p
 
 
 def extract_adapter(model: nn.Module) -> Adapter:

@@ -105,8 +105,6 @@ def load_adapter(path: str | os.PathLike, model: nn.Module | None = None, **kw) 
 
 def validate_adapter(adapter: Adapter, model: nn.Module | None = None, *, path: str | None = None) -> None:
     """Check the adapter against its method and spec (and the model if given); AdapterFileError otherwise."""
-    import torch
-
     from .methods import get_method, method_config
 
     spec = adapter.spec
@@ -117,6 +115,21 @@ def validate_adapter(adapter: Adapter, model: nn.Module | None = None, *, path: 
     if not spec.layers:
         raise AdapterFileError("adapter spec lists no layers", "metadata", path)
     cfg = method_config(spec)
+    by_layer = _tensors_by_layer(adapter, method, path)
+    extra = sorted(set(by_layer) - {lay.name for lay in spec.layers})
+    if extra:
+        raise AdapterFileError(f"tensors for layers not in the spec, e.g. {extra[0]!r}", "keys", path)
+    mods = dict(model.named_modules()) if model is not None else None
+    for lay in spec.layers:
+        _check_layer_tensors(lay, by_layer.get(lay.name, {}), method, cfg, spec, path)
+        if mods is not None:
+            _check_model_layer(lay, mods.get(lay.name), path)
+
+
+def _tensors_by_layer(adapter: Adapter, method, path: str | None) -> dict[str, dict]:
+    """``layer -> {param: tensor}`` (shared tensors left out), after checking every key, dtype and value."""
+    import torch
+
     by_layer: dict[str, dict] = {}
     for key, t in adapter.tensors.items():
         head, sep, pname = key.rpartition(SEP)
@@ -130,47 +143,43 @@ def validate_adapter(adapter: Adapter, model: nn.Module | None = None, *, path: 
             raise AdapterFileError(f"tensor {key!r} contains NaN or inf values", "non_finite", path)
         if not head.startswith(SHARED + SEP):
             by_layer.setdefault(head, {})[pname] = t
-    names = {lay.name for lay in spec.layers}
-    extra = sorted(set(by_layer) - names)
-    if extra:
-        raise AdapterFileError(f"tensors for layers not in the spec, e.g. {extra[0]!r}", "keys", path)
-    mods = dict(model.named_modules()) if model is not None else None
-    for lay in spec.layers:
-        p = by_layer.get(lay.name, {})
-        missing = [k for k in method.trainable if k not in p]
-        if missing:
-            raise AdapterFileError(
-                f"layer {lay.name!r} lacks tensor(s) {missing} of method {spec.method!r}", "keys", path
-            )
-        try:
-            expected = method.num_trainable(tuple(lay.shape), cfg)
-        except (ValueError, TypeError) as e:
-            raise AdapterFileError(f"layer {lay.name!r}: {e}", "shape", path) from None
-        got = sum(p[k].numel() for k in method.trainable)
-        if got != expected:
-            shapes = {k: tuple(p[k].shape) for k in method.trainable}
-            raise AdapterFileError(
-                f"layer {lay.name!r} of shape {tuple(lay.shape)}: trainable tensors {shapes} hold {got} values, "
-                f"{spec.method} rank {spec.rank} needs {expected}",
-                "shape",
-                path,
-            )
-        if mods is not None:
-            mod = mods.get(lay.name)
-            w = getattr(mod, "weight", None) if mod is not None else None
-            if w is None:
-                raise AdapterFileError(
-                    f"layer {lay.name!r} does not exist in the model (adapter for another base model?)",
-                    "base_model",
-                    path,
-                )
-            if tuple(w.shape) != tuple(lay.shape):
-                raise AdapterFileError(
-                    f"layer {lay.name!r}: model weight {tuple(w.shape)} vs adapter {tuple(lay.shape)} "
-                    "(adapter for another base model?)",
-                    "base_model",
-                    path,
-                )
+    return by_layer
+
+
+def _check_layer_tensors(lay, p: dict, method, cfg, spec, path: str | None) -> None:
+    """The layer has every trainable tensor of its method, holding as many values as its shape and rank need."""
+    missing = [k for k in method.trainable if k not in p]
+    if missing:
+        raise AdapterFileError(f"layer {lay.name!r} lacks tensor(s) {missing} of method {spec.method!r}", "keys", path)
+    try:
+        expected = method.num_trainable(tuple(lay.shape), cfg)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"layer {lay.name!r}: {e}", "shape", path) from None
+    got = sum(p[k].numel() for k in method.trainable)
+    if got != expected:
+        shapes = {k: tuple(p[k].shape) for k in method.trainable}
+        raise AdapterFileError(
+            f"layer {lay.name!r} of shape {tuple(lay.shape)}: trainable tensors {shapes} hold {got} values, "
+            f"{spec.method} rank {spec.rank} needs {expected}",
+            "shape",
+            path,
+        )
+
+
+def _check_model_layer(lay, mod: nn.Module | None, path: str | None) -> None:
+    """The model has the layer, with a weight of the spec's shape."""
+    w = getattr(mod, "weight", None) if mod is not None else None
+    if w is None:
+        raise AdapterFileError(
+            f"layer {lay.name!r} does not exist in the model (adapter for another base model?)", "base_model", path
+        )
+    if tuple(w.shape) != tuple(lay.shape):
+        raise AdapterFileError(
+            f"layer {lay.name!r}: model weight {tuple(w.shape)} vs adapter {tuple(lay.shape)} "
+            "(adapter for another base model?)",
+            "base_model",
+            path,
+        )
 
 
 def save_adapter(

@@ -7,16 +7,14 @@ The header is parsed and checked by hand before safetensors touches the file, so
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import secrets
 import struct
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write_bytes
 from .errors import AdapterFileError
 
 MAX_FILE_BYTES = 4 << 30  # refuse adapter files above 4 GiB
@@ -124,38 +122,6 @@ def read_safetensors(
     return tensors, meta
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``. An OSError names
-    ``path`` (or the parent that is in the way), never the temp file."""
-    p = Path(path)
-    for parent in (p.parent, *p.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the output folder", str(parent))
-            break
-    if p.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "the output is a folder", str(p))
-    # not mkstemp: its 0600 would make these files unlike every other the process writes; 0666 & ~umask instead
-    tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise type(e)(e.errno, e.strerror, str(p)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise type(e)(e.errno, e.strerror, str(p)) from None
-        raise
-
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Atomically write tensors (made contiguous, detached, on CPU) with string metadata."""
     from safetensors.torch import save
@@ -170,7 +136,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 __all__ = [
     "MAX_FILE_BYTES",
     "MAX_HEADER_BYTES",
-    "atomic_write_bytes",
     "read_header",
     "read_safetensors",
     "write_safetensors",

@@ -19,8 +19,7 @@ from pipeline_data.cliargs import nonnegative_int
 from pipeline_data.faces import BACKENDS, BackendUnavailableError, get_encoder
 from pipeline_data.faces.dlib_backend import RECOGNIZERS
 from pipeline_data.faces.identity import build_identity
-
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".pgm", ".ppm"}
+from pipeline_data.photos import list_photos
 
 
 class _ArgError(Exception):
@@ -69,10 +68,6 @@ def _label(enc) -> str:
     return enc.name if rec is None else f"{enc.name} ({rec} net)"
 
 
-def _photos_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
-
-
 def _embed(args) -> int:
     folders = [str(p) for p in args.photos if p.is_dir()]
     if folders:
@@ -116,10 +111,10 @@ def _check(args) -> int:
     root: Path = args.dir
     if not root.is_dir():
         raise _ArgError(f"difflora faces check: not a directory: {root}")
-    groups = [(d.name, _photos_in(d)) for d in sorted(root.iterdir()) if d.is_dir()]
+    groups = [(d.name, list_photos(d)) for d in sorted(root.iterdir()) if d.is_dir()]
     groups = [(n, ps) for n, ps in groups if ps]
-    if not groups and _photos_in(root):
-        groups = [(root.name, _photos_in(root))]
+    if not groups and list_photos(root):
+        groups = [(root.name, list_photos(root))]
     if not groups:
         raise _ArgError(f"difflora faces check: no photos in {root} or its sub-folders")
     if args.max_photos > 0:

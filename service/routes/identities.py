@@ -14,11 +14,13 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 
+from weights.atomic import atomic_write_bytes
+
 from ..deps import EngineDep, StateDep, submit, wait_for
 from ..errors import ApiError
 from ..schemas import ErrorResponse, IdentityPublic, PhotoPublic
 from ..state import ServiceState
-from ..storage import IdentityRecord, atomic_write, new_id
+from ..storage import IdentityRecord, new_id
 
 router = APIRouter(prefix="/v1/identities", tags=["identities"])
 
@@ -115,8 +117,8 @@ def _store(
         for i, chip in chips.items():
             buf = io.BytesIO()
             Image.fromarray(chip).save(buf, format="PNG")
-            atomic_write(staged / f"face-{i}.png", buf.getvalue())
-            atomic_write(staged / f"photo-{i}.jpg", photos[i])
+            atomic_write_bytes(staged / f"face-{i}.png", buf.getvalue())
+            atomic_write_bytes(staged / f"photo-{i}.jpg", photos[i])
         now = time.perf_counter()  # timings go into the stored record, so GET returns them too
         rec.info["seconds"].update(store=round(now - t_store, 4), total=round(now - t0, 4))
         state.storage.add_identity(rec, staged)

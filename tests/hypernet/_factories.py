@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hypernet.config import AutoencoderConfig, DenoiserConfig, HypernetConfig, TrainConfig
+from hypernet.config import AutoencoderConfig, DenoiserConfig, HypernetConfig, SamplingConfig, TrainConfig
 from hypernet.data import HypernetDataset
 from hypernet.model import HypernetModel
 from hypernet.synthetic import SyntheticConfig, make_synthetic
@@ -15,11 +15,12 @@ torch.set_num_threads(1)
 def tiny_config(ae_steps: int = 6, dn_steps: int = 8, **train_kw) -> HypernetConfig:
     """A 1-block, width-32 autoencoder and a 2-block, width-48 denoiser."""
     train = {"batch_size": 16, "ae_steps": ae_steps, "dn_steps": dn_steps, "warmup_steps": 2, "ema_decay": 0.9,
-             "log_every": 1, "eval_every": 3, "ckpt_every": 4, "sample_steps": 5} | train_kw  # fmt: skip
+             "log_every": 1, "eval_every": 3, "ckpt_every": 4} | train_kw  # fmt: skip
     return HypernetConfig(
         AutoencoderConfig(hidden=32, heads=2, depth_enc=1, depth_dec=1, latent_tokens=4, latent_dim=8),
         DenoiserConfig(hidden=48, depth=2, heads=2),
         TrainConfig(**train),
+        SamplingConfig(steps=5),
     )
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypernet.checks import MAX_SEED, dumps
 from hypernet.cli import main, predict_main
 from hypernet.config import HypernetConfig, get_preset
 from hypernet.evaluate import EvalConfig
+from hypernet.strict_json import dumps
 from hypernet.table import tabulate, write_results
+from pipeline_data.cliargs import MAX_SEED
 
 
 def _refused(rc: int, err: str, message: str) -> None:
@@ -91,25 +92,25 @@ def test_out_in_a_read_only_folder_is_refused(tmp_path, capsys):
         _refused(main([*argv, "--out", str(ro / "q.json")]), capsys.readouterr().err, "cannot write into")
         argv = ["tune", "--dataset", str(tmp_path / "no-ds"), "--checkpoint", str(ro)]  # tune writes into it
         _refused(main(argv), capsys.readouterr().err, "--checkpoint (tune writes its choice into it): cannot write")
-        argv = ["train", "--synthetic", "--out", str(ro / "run"), "--no-progress"]
+        argv = ["train", "--synthetic-demo", "--out", str(ro / "run"), "--no-progress"]
         _refused(main(argv), capsys.readouterr().err, "--out: cannot write into")
     finally:
         ro.chmod(0o755)
 
 
 def _train(tmp_path: Path, *extra: str) -> list[str]:
-    return ["train", "--synthetic", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu", *extra]
+    return ["train", "--synthetic-demo", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu", *extra]
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--set", "train.cfg_scale=abc"], "train.cfg_scale must be a number, got 'abc'"),
-        (["--set", "train.cfg_scale=nan"], "train.cfg_scale must be a number, got 'nan'"),
-        (["--set", "train.cfg_scale=NaN"], "train.cfg_scale must be a finite number, got nan"),
+        (["--set", "sampling.cfg_scale=abc"], "sampling.cfg_scale must be a number, got 'abc'"),
+        (["--set", "sampling.cfg_scale=nan"], "sampling.cfg_scale must be a number, got 'nan'"),
+        (["--set", "sampling.cfg_scale=NaN"], "sampling.cfg_scale must be a finite number, got nan"),
         (["--set", "train.dn_lr=Infinity"], "train.dn_lr must be a finite number, got inf"),
-        (["--set", "train.sample_steps=2.5"], "train.sample_steps must be an integer, got 2.5"),
-        (["--set", "train.sample_steps=true"], "train.sample_steps must be an integer, got True"),
+        (["--set", "sampling.steps=2.5"], "sampling.steps must be an integer, got 2.5"),
+        (["--set", "sampling.steps=true"], "sampling.steps must be an integer, got True"),
         (["--set", "denoiser.schedule=3"], "denoiser.schedule must be a string, got 3"),
         (["--set", "train.betas=[0.9]"], "train.betas must be a list of 2 values"),
         (["--set", 'train.betas=[0.9, "x"]'], "train.betas[1] must be a number"),
@@ -171,8 +172,8 @@ def test_predict_checks_its_out_path(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"train.cfg_scale": "abc"}, "train.cfg_scale must be a number"),
-        ({"train.cfg_scale": math.nan}, "train.cfg_scale must be a finite number"),
+        ({"sampling.cfg_scale": "abc"}, "sampling.cfg_scale must be a number"),
+        ({"sampling.cfg_scale": math.nan}, "sampling.cfg_scale must be a finite number"),
         ({"autoencoder.latent_tokens": 2.0}, "autoencoder.latent_tokens must be an integer"),
     ],
 )
@@ -190,8 +191,8 @@ def test_config_accepts_its_own_files():
     for name in ("tiny", "sd15", "sdxl"):
         cfg = get_preset(name)
         assert HypernetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    cfg = get_preset("tiny").with_overrides(["train.cfg_scale=2", "autoencoder.kind=transformer"])
-    assert cfg.train.cfg_scale == 2 and cfg.autoencoder.kind == "transformer"  # an int is a valid float
+    cfg = get_preset("tiny").with_overrides(["sampling.cfg_scale=2", "autoencoder.kind=transformer"])
+    assert cfg.sampling.cfg_scale == 2 and cfg.autoencoder.kind == "transformer"  # an int is a valid float
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the bootstrap interval of 0/0

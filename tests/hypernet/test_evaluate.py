@@ -113,6 +113,7 @@ def test_eval_refuses_dataset_without_eval_split(tiny_dataset: Path, eval_setup)
 def test_tune_writes_the_chosen_sampling_options(eval_setup, tmp_path: Path, capsys) -> None:
     from hypernet.checkpoint import load_config
     from hypernet.cli import main
+    from hypernet.config import SamplingConfig
 
     src, ckpt_src = eval_setup
     ds, ckpt = tmp_path / "ds", tmp_path / "ckpt"
@@ -122,6 +123,7 @@ def test_tune_writes_the_chosen_sampling_options(eval_setup, tmp_path: Path, cap
     for r in lines:
         r["split"] = "val" if r["split"] == "eval" else r["split"]
     (ds / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config_before = (ckpt / "config.json").read_bytes()
     argv = ["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--cfg-scales", "3,1", "--samples", "2,1",
             "--steps", "2,1", "--seeds", "1", "--limit", "1"]  # fmt: skip
     assert main(argv) == 0
@@ -132,7 +134,8 @@ def test_tune_writes_the_chosen_sampling_options(eval_setup, tmp_path: Path, cap
     }
     # the untrained hypernet predicts ΔW = 0 for every option: a tie, so the cheapest option wins
     assert (tuning["chosen"]["cfg_scale"], tuning["chosen"]["samples"], tuning["chosen"]["sample_steps"]) == (1, 1, 1)
-    assert load_config(ckpt).train.sample_count == 1 and load_config(ckpt).train.sample_steps == 1
+    assert load_config(ckpt).sampling == SamplingConfig(steps=1, cfg_scale=1.0, samples=1)
+    assert (ckpt / "config.json").read_bytes() == config_before  # tune rewrites sampling.json only
     assert Predictor.load(ckpt).cfg_scale == 1.0
     assert main(["tune", "--dataset", str(ds), "--checkpoint", str(ckpt), "--samples", "x"]) == 2
     assert "--samples" in capsys.readouterr().err
@@ -161,8 +164,8 @@ def test_tune_choice_respects_the_no_face_bound(scores, base_no_face, want_cfg, 
 
 
 def test_score_candidates_is_pinned_by_the_oracle(eval_setup) -> None:
-    """The per-identity scorer (also used by bench/fidelity_ceiling.py): a copy of the oracle scores exactly like
-    the oracle, the base model has fidelity 0."""
+    """The per-identity scorer (also used by bench/probes/fidelity_ceiling.py): a copy of the oracle scores exactly
+    like the oracle, the base model has fidelity 0."""
     from diffusers import DDPMScheduler
 
     from hypernet.adapter_data import load_adapter_dataset
@@ -189,7 +192,7 @@ def test_score_candidates_is_pinned_by_the_oracle(eval_setup) -> None:
     }  # fmt: skip
     # the cosine sees the direction of the effect, fidelity also its size (about 4x too large here)
     assert res["doubled"]["function_cosine"] > 0.9 and res["doubled"]["function_fidelity"] < 0
-    # generations made once are reused (bench/fidelity_ceiling.py scores one set against two references):
+    # generations made once are reused (bench/probes/fidelity_ceiling.py scores one set against two references):
     # the same metrics, and the given images really are the ones scored
     from hypernet.evaluate import candidate_images
 

@@ -20,9 +20,10 @@ def test_train_on_dataset_exports_a_working_predictor(tiny_dataset: Path, tmp_pa
         "batch_size": 4,
         "eval_every": 10,
         "ckpt_every": 10,
-        "sample_steps": 3,
     }
-    res = train_on_dataset(tiny_dataset, out, token_dim=128, overrides=overrides, progress=False)
+    res = train_on_dataset(
+        tiny_dataset, out, token_dim=128, overrides=overrides, settings=["sampling.steps=3"], progress=False
+    )
     assert res["train_identities"] >= 1 and res["tokens"][1] == 128
     flags = json.loads((out / RECIPE_NAME).read_text())
     assert flags["--method"] == "lora" and flags["--rank"] == 4 and "--faces" not in flags and "--base" not in flags

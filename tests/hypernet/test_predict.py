@@ -40,7 +40,7 @@ def test_untrained_predictor_is_a_noop(pipe, method: str) -> None:
 
 @pytest.mark.parametrize("kind", ["linear", "transformer"])
 def test_untrained_predictor_takes_preset_settings(pipe, kind: str) -> None:
-    p = Predictor.untrained(pipe, settings=[f"autoencoder.kind={kind}", "train.sample_steps=2"])
+    p = Predictor.untrained(pipe, settings=[f"autoencoder.kind={kind}", "sampling.steps=2"])
     assert p.hypernet.config.autoencoder.kind == kind and p.steps == 2
     assert max_delta(pipe, p.predict(np.ones((2, 128), np.float32))) < 1e-6  # still the no-op init adapter
     with pytest.raises(ValueError, match="unknown hypernet setting"):
@@ -103,3 +103,65 @@ def test_predictor_refuses_bad_sampling_options(pipe, kw, message) -> None:
     p = Predictor.untrained(pipe, BuildConfig(targets=["to_q"]))
     with pytest.raises(ValueError, match=message):
         p.predict(np.zeros((1, 128), np.float32) + 0.1, **kw)
+
+
+# ---- sampling settings: their own file beside the checkpoint ------------------------------------------------------
+
+
+def test_shipped_tiny_hypernet_samples_as_it_was_tuned() -> None:
+    """assets/tiny/hypernet predicts with the option `hypernet tune` chose (tuning.json): 1 DDIM step at CFG 5."""
+    import json
+
+    from service.settings import TINY_HYPERNET
+
+    if not (TINY_HYPERNET / "sampling.json").is_file():
+        pytest.skip("no bundled tiny hypernet (make tiny-assets)")
+    chosen = json.loads((TINY_HYPERNET / "tuning.json").read_text())["chosen"]
+    p = Predictor.load(TINY_HYPERNET)
+    assert (p.steps, p.cfg_scale, p.samples) == (chosen["sample_steps"], chosen["cfg_scale"], chosen["samples"])
+    assert (p.steps, p.cfg_scale, p.samples) == (1, 5.0, 1)
+    rng = np.random.default_rng(0)
+    embs = [rng.normal(size=(k, p.cond_dim)).astype(np.float32) for k in (1, 3)]
+    got = p.predict_batch(embs)
+    explicit = p.predict_batch(embs, steps=1, cfg_scale=5.0, samples=1)
+    other = p.predict_batch(embs, cfg_scale=1.0)
+    for a, b, c in zip(got, explicit, other):
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)  # the setting matters
+
+
+def test_sampling_json_and_checkpoints_from_before_it(pipe, tmp_path) -> None:
+    import json
+
+    from hypernet.checkpoint import load_config
+    from hypernet.config import SamplingConfig
+
+    d = tmp_path / "ck"
+    Predictor.untrained(pipe, settings=["sampling.steps=3", "sampling.cfg_scale=2"]).save(d)
+    assert json.loads((d / "sampling.json").read_text()) == {"steps": 3, "cfg_scale": 2.0, "samples": 1}
+    assert "cfg_scale" not in json.loads((d / "config.json").read_text())["train"]
+    assert Predictor.load(d).steps == 3 and Predictor.load(d).cfg_scale == 2.0
+    # a checkpoint written before sampling.json: its train.sample_* fields are its sampling settings
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["train"] |= {"sample_steps": 1, "cfg_scale": 5.0, "sample_count": 2}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sampling settings live in sampling.json now"):  # both: refused
+        load_config(d)
+    (d / "sampling.json").unlink()
+    assert load_config(d).sampling == SamplingConfig(steps=1, cfg_scale=5.0, samples=2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["autoencoder.kind=linear", "autoencoder.hidden=128"],
+            "autoencoder.hidden has no effect with autoencoder.kind=linear",
+        ),
+        (["autoencoder.kind=linear", "train.ae_steps=5", "autoencoder.latent_noise=0.1"], "have no effect"),
+        (["autoencoder.kind=transformer", "autoencoder.ridge=3"], "autoencoder.ridge has no effect"),
+    ],
+)
+def test_knobs_the_autoencoder_kind_ignores_are_refused(pipe, settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Predictor.untrained(pipe, settings=settings)

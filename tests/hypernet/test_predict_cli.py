@@ -13,10 +13,11 @@ from hypernet.cli import main, predict_main
 from hypernet.predict import Predictor
 from pipeline_data.models import load_pipeline
 from pipeline_data.recipe import BuildConfig
-from tests.utils.datasets import FACES
+from tests.utils.faces import FACES, needs_faces
 from weights.io import load_any
 
 OBAMA = sorted(str(p) for p in (FACES / "photos").glob("obama*.jpg"))[:3]
+pytestmark = needs_faces  # every test reads the photos (or the dataset built from them)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +88,14 @@ def _config_with(checkpoint: Path, section: str, key: str, value) -> str:
         ("adapter_layout.json", "{not json", "adapter_layout.json: not valid JSON"),
         ("config.json", "", "config.json: not valid JSON (Expecting value at line 1 column 1)"),
         ("config.json", "[]", "config.json: expected a JSON object"),
-        ("config.json", None, "config.json: invalid hypernet config (train.cfg_scale must be a number, got 'x')"),
+        ("config.json", None, "config.json: invalid hypernet config (train.dn_lr must be a number, got 'x')"),
+        ("sampling.json", '{"cfg_scale": "x"}', "sampling.json: invalid hypernet config (sampling.cfg_scale must be"),
+        ("sampling.json", '{"steps": 0}', "sampling.json: invalid hypernet config (sampling steps must be >= 1"),
+        ("sampling.json", "[]", "sampling.json: expected a JSON object"),
     ],
 )
 def test_broken_checkpoint_files_are_named(checkpoint: Path, tmp_path: Path, capsys, name, text, message) -> None:
-    text = _config_with(checkpoint, "train", "cfg_scale", "x") if text is None else text
+    text = _config_with(checkpoint, "train", "dn_lr", "x") if text is None else text
     ck = _corrupt(checkpoint, tmp_path, name, text)
     rc = predict_main([OBAMA[0], "--out", str(tmp_path / "o.safetensors"), "--checkpoint", str(ck)])
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from hypernet.baselines import MeanAdapter
 from hypernet.checkpoint import load_config
-from hypernet.config import AutoencoderConfig, DenoiserConfig, HypernetConfig, TrainConfig
+from hypernet.config import AutoencoderConfig, DenoiserConfig, HypernetConfig, SamplingConfig, TrainConfig
 from hypernet.metrics import summarize, weight_metrics
 from hypernet.sample import Hypernet
 from hypernet.synthetic import SyntheticConfig, make_synthetic
@@ -113,7 +113,8 @@ def test_synthetic_hypernet_beats_mean_adapter_on_heldout_identities(tmp_path):
         AutoencoderConfig(hidden=32, heads=2, depth_enc=1, depth_dec=1, latent_tokens=4, latent_dim=8),
         DenoiserConfig(hidden=48, depth=2, heads=2),
         TrainConfig(batch_size=32, ae_steps=300, dn_steps=600, ae_lr=3e-3, dn_lr=2e-3, warmup_steps=20,
-                    ema_decay=0.98, eval_every=10**6, ckpt_every=10**6, sample_steps=20, log_every=50),
+                    ema_decay=0.98, eval_every=10**6, ckpt_every=10**6, log_every=50),
+        SamplingConfig(steps=20),
     )  # fmt: skip
     train(cfg, tr, tmp_path, device="cpu", progress=False)
     hn = Hypernet.load(tmp_path)

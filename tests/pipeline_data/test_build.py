@@ -17,6 +17,7 @@ import torch
 
 from pipeline_data.build import BuildConfig, build, discover, load_dataset_adapters, read_records
 from tests.utils.datasets import DATASET_IDS, FACES, REPO, build_config
+from tests.utils.faces import needs_faces
 from weights.adapter import Adapter
 
 IDS = DATASET_IDS
@@ -123,6 +124,7 @@ def test_killed_build_resumes_to_same_result(local_build: Path, tmp_path: Path) 
     assert_same_dataset(local_build, out)
 
 
+@needs_faces
 def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -152,6 +154,7 @@ def test_bad_folders_are_reported_not_fatal(tmp_path: Path) -> None:
     assert any("text.jpg" == r["photo"] for r in rec["rejected"])
 
 
+@needs_faces
 def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> None:
     """A photo that decodes but has no face, followed by usable ones: every crop comes from its own photo."""
     from pipeline_data.build import IdentitySource, prepare_identity
@@ -203,8 +206,17 @@ def test_photo_without_face_mid_folder_keeps_crops_aligned(tmp_path: Path) -> No
         (["{build}", "--max-photos", "3"], "max_photos (3) must be >= min_photos (4)"),
         (["{build}", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
         (["{build}", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
-        (["{build}", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
-        (["{build}", "--ray-address", "nowhere"], "--ray-address 'nowhere': expected local, auto or HOST:PORT"),
+        # the Ray address is checked after the faces folders are found
+        pytest.param(
+            ["{build}", "--ray-address", "127.0.0.1:1"],
+            "cannot reach the Ray cluster at 127.0.0.1:1",
+            marks=needs_faces,
+        ),
+        pytest.param(
+            ["{build}", "--ray-address", "nowhere"],
+            "--ray-address 'nowhere': expected local, auto or HOST:PORT",
+            marks=needs_faces,
+        ),
         (["build", "--faces", "{tmp}", "--out", "{out}"], "no identity folders with photos found in"),
         (["build", "--faces", "{tmp}/missing", "--out", "{out}"], "faces directory not found"),
         (["check", "{tmp}", "--seeds", "-2"], "argument --seeds: must be >= 1, got -2"),
@@ -266,7 +278,7 @@ def test_shipped_dataset_records_resolve_outside_the_repository(
 
     ds = REPO / "data" / "tiny-lora"
     if not (ds / "records").is_dir() or not FACES.is_dir():
-        pytest.skip("data/tiny-lora or the shared faces not present")
+        pytest.skip("data/tiny-lora (built by make tiny-assets) or the face photos not present")
     rec = next(r for r in read_records(ds).values() if r["status"] == "ok")
     monkeypatch.chdir(tmp_path)
     src = record_source(rec, ds)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline_data.faces.cli import main
+from tests.utils.faces import FACES, PHOTOS, needs_faces
 
-FACES = Path("/work/shared/data/faces")
-PHOTOS = FACES / "photos"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,6 +22,7 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+@needs_faces
 def test_embed_json_one_object_per_photo_and_identity(capsys):
     photos = [PHOTOS / "obama-240p.jpg", PHOTOS / "obama2.jpg", PHOTOS / "alex_lacamoire1.jpg"]
     assert main(["embed", *map(str, photos), "--json"]) == 0
@@ -35,6 +35,7 @@ def test_embed_json_one_object_per_photo_and_identity(capsys):
     assert lines[2]["outlier"] and "threshold" in lines[2]["reason"]
 
 
+@needs_faces
 def test_embed_recognizer_dlib_and_torch_give_the_same_descriptor(capsys):
     photo = str(PHOTOS / "obama-240p.jpg")
     embs = []
@@ -48,6 +49,7 @@ def test_embed_recognizer_dlib_and_torch_give_the_same_descriptor(capsys):
     assert "(dlib (torch net), threshold 0.908)" in capsys.readouterr().out
 
 
+@needs_faces
 def test_embed_table(capsys):
     assert main(["embed", str(PHOTOS / "obama.jpg"), str(PHOTOS / "obama3.jpg")]) == 0
     out = capsys.readouterr().out
@@ -61,11 +63,11 @@ def test_embed_table(capsys):
         (["embed", "{empty}"], 1, "empty"),
         (["embed", "{blank}"], 1, "no_face"),
         (["embed", "{missing}"], 2, "no such file"),
-        (["embed", str(PHOTOS / "obama.jpg"), "--backend", "insightface", "--model-dir", "{missing}"], 2, "not found"),
-        (["embed", str(PHOTOS / "obama.jpg"), "--backend", "nope"], 2, "invalid choice"),
-        (["embed", str(PHOTOS / "obama.jpg"), "--recognizer", "nope"], 2, "invalid choice"),
+        (["embed", "{blank}", "--backend", "insightface", "--model-dir", "{missing}"], 2, "not found"),
+        (["embed", "{blank}", "--backend", "nope"], 2, "invalid choice"),
+        (["embed", "{blank}", "--recognizer", "nope"], 2, "invalid choice"),
         (
-            ["check", str(PHOTOS), "--backend", "insightface", "--recognizer", "dlib"],
+            ["check", "{tmp}", "--backend", "insightface", "--recognizer", "dlib"],
             2,
             "--recognizer applies to the dlib backend, not insightface",
         ),
@@ -73,9 +75,9 @@ def test_embed_table(capsys):
         (["check", "{missing}"], 2, "not a directory"),
         (["check", "{emptydir}"], 2, "no photos"),
         (["embed", "{emptydir}"], 2, "is a folder, not a photo"),
-        (["embed", str(PHOTOS / "obama.jpg"), str(PHOTOS)], 2, "is a folder, not a photo"),
-        (["check", str(PHOTOS), "--max-photos", "-1"], 2, "argument --max-photos: must be >= 0, got -1"),
-        (["check", str(PHOTOS), "--max-photos", "two"], 2, "argument --max-photos: expected an integer"),
+        (["embed", "{blank}", "{tmp}"], 2, "is a folder, not a photo"),
+        (["check", "{tmp}", "--max-photos", "-1"], 2, "argument --max-photos: must be >= 0, got -1"),
+        (["check", "{tmp}", "--max-photos", "two"], 2, "argument --max-photos: expected an integer"),
         (["frobnicate"], 2, "invalid choice"),
     ],
 )
@@ -92,12 +94,14 @@ def test_bad_input_one_line_nonzero(tmp_path, capsys, args, rc, needle):
         "{blank}": str(tmp_path / "blank.png"),
         "{missing}": str(tmp_path / "missing"),
         "{emptydir}": str(tmp_path / "emptydir"),
+        "{tmp}": str(tmp_path),  # a folder holding one photo (blank.png)
     }
     assert main([subst.get(a, a) for a in args]) == rc
     line = _one_line(capsys.readouterr().err)
     assert needle in line and line.startswith("difflora faces")
 
 
+@needs_faces
 def test_check_reports_outlier_with_progress(tmp_path, capsys):
     # identity folders made of symlinks to the shared photos (nothing is copied)
     a, b = tmp_path / "obama", tmp_path / "alex"
@@ -120,6 +124,7 @@ def test_check_reports_outlier_with_progress(tmp_path, capsys):
     assert rows["alex"]["consistent"] and rows["obama"]["outliers"][0]["name"] == "alex-lacamoire.png"
 
 
+@needs_faces
 def test_check_orl_pgm_folders(tmp_path, capsys):
     for d in sorted((FACES / "orl").glob("s*"))[:6]:  # a symlinked subset keeps the test fast
         (tmp_path / d.name).symlink_to(d)

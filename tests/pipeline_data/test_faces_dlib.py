@@ -1,11 +1,10 @@
-"""dlib backend and identity consistency on the real photos in /work/shared/data/faces (never copied)."""
+"""dlib backend and identity consistency on the real development photos (``$DIFFLORA_FACES``, never copied)."""
 
 from __future__ import annotations
 
 import io
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +21,8 @@ from pipeline_data.faces import (
 from pipeline_data.faces.dlib_backend import DlibEncoder
 from pipeline_data.faces.identity import build_identity, similarity
 from pipeline_data.images import ImageDecodeError, decode_image
+from tests.utils.faces import FACES, PHOTOS, needs_faces, require_faces
 
-FACES = Path("/work/shared/data/faces")
-PHOTOS = FACES / "photos"
 OBAMA = sorted(PHOTOS.glob("obama*"))
 ALEX = sorted(PHOTOS.glob("alex*"))
 
@@ -36,10 +34,12 @@ def enc() -> DlibEncoder:
 
 @pytest.fixture(scope="module")
 def embs(enc) -> dict[str, FaceResult]:
+    require_faces()
     out = enc.embed_many(OBAMA + ALEX)
     return {p.name: r for p, r in zip(OBAMA + ALEX, out)}
 
 
+@needs_faces
 def test_photo_sets_present():
     assert len(OBAMA) == 8 and len(ALEX) == 3
 
@@ -118,6 +118,7 @@ def test_align_chip_and_whole_image_embedding(enc, embs):
         enc.align(rgb, face, size=4)
 
 
+@needs_faces
 def test_dataset_samples_embed(enc):
     lfw = [sorted(d.glob("*.jpg"))[0] for d in sorted((FACES / "lfw").iterdir())[:8]]
     orl = [FACES / f"orl/s{i}/1.pgm" for i in range(1, 9)]
@@ -129,6 +130,7 @@ def test_dataset_samples_embed(enc):
     assert orl_res.image_size == (92, 112) and enc.same_person(orl_res.embedding, out[8].embedding)
 
 
+@needs_faces
 def test_no_face_too_small_and_several_faces(enc):
     with pytest.raises(NoFaceError) as ei:
         enc.embed(np.full((300, 300, 3), 90, np.uint8))

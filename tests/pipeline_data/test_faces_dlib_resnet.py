@@ -1,4 +1,4 @@
-"""The PyTorch port of dlib's face ResNet against dlib's own net, on real photos in /work/shared/data/faces.
+"""The PyTorch port of dlib's face ResNet against dlib's own net, on the real development photos (``$DIFFLORA_FACES``).
 
 Tolerance: over 219 LFW/CelebA/ORL chips the port's raw descriptors differ from dlib's by at most 5.4e-7 (relative
 1e-6, float32 rounding through 29 convolutions summed in another order); the cosine of any pair moves by < 6e-7,
@@ -21,10 +21,10 @@ from pipeline_data.faces import get_encoder, l2_normalize
 from pipeline_data.faces.dlib_backend import LANDMARKS_FILE, RECOGNITION_FILE, DlibEncoder
 from pipeline_data.faces.dlib_resnet import DlibFaceResNet, _pad_add, architecture, read_dlib_resnet
 from pipeline_data.images import decode_image
+from tests.utils.faces import FACES, MISSING, require_faces
 
-FACES = Path("/work/shared/data/faces")
 PHOTOS = sorted((FACES / "photos").glob("obama*")) + sorted((FACES / "photos").glob("alex*"))
-LFW = [sorted(d.glob("*.jpg"))[:2] for d in sorted((FACES / "lfw").iterdir())[:8]]  # 8 people x 2 photos
+LFW = [] if MISSING else [sorted(d.glob("*.jpg"))[:2] for d in sorted((FACES / "lfw").iterdir())[:8]]  # 8 x 2
 ATOL = 1e-5
 
 
@@ -48,6 +48,7 @@ def dat(enc) -> Path:
 @pytest.fixture(scope="module")
 def chips(enc) -> dict[str, np.ndarray]:
     """150x150 recognition chips of the photos and of the LFW pairs (detected once)."""
+    require_faces()
     out = {}
     for p in PHOTOS + [p for pair in LFW for p in pair]:
         rgb = decode_image(p)

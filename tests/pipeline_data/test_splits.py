@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from pipeline_data.splits import EVAL_FRACTION, SPLITS, split_of, split_unit
-
-FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
+from tests.utils.faces import FACES, needs_faces
 
 
 def test_split_is_deterministic_and_one_of_three() -> None:
@@ -32,7 +30,7 @@ def test_bad_names_raise(dataset: str, identity: str) -> None:
         split_of(dataset, identity)
 
 
-@pytest.mark.skipif(not FACES.is_dir(), reason="shared faces not present")
+@needs_faces
 def test_tiny_crops_never_list_eval_identities() -> None:
     from pipeline_data.tiny.crops import list_photos
 

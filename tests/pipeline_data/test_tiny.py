@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from pipeline_data.splits import split_of
+from tests.utils.faces import FACES, needs_faces
 
 REPO = Path(__file__).resolve().parents[2]
-FACES = REPO.parent / "shared" / "data" / "faces"
 TINY_BASE = Path(
     os.environ.get("DIFFLORA_TINY_BASE") or REPO / "assets" / "tiny" / "base"
 )  # same override as the preset
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared faces not present")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

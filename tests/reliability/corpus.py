@@ -18,7 +18,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-PHOTOS = Path("/work/shared/data/faces/photos")
+from pipeline_data.photos import faces_dir
+
+PHOTOS = faces_dir() / "photos"
 FACE = PHOTOS / "obama.jpg"  # one clear frontal face
 OTHER = PHOTOS / "alex_lacamoire_img1.jpg"  # a second person (several-faces collage)
 SIDE = 320  # face photos are downscaled to this longest side: fast face detection on a shared CPU

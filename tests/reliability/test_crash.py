@@ -14,6 +14,9 @@ import pytest
 
 from tests.service.conftest import OBAMA, photo_files
 from tests.service.test_e2e import Server, _wait_job
+from tests.utils.faces import needs_faces
+
+pytestmark = needs_faces  # every test creates identities from the photos
 
 
 def _kill9(srv: Server) -> None:

@@ -14,12 +14,14 @@ import pytest
 from tests.reliability.conftest import AUTH
 from tests.reliability.fuzzing import fuzz_all, load_schema, seed_resources
 from tests.service.conftest import OBAMA
+from tests.utils.faces import needs_faces
 
 pytest.importorskip("schemathesis")
 
 EXAMPLES = int(os.environ.get("DIFFLORA_FUZZ_EXAMPLES", "12"))  # generated cases per operation
 
 
+@needs_faces
 def test_fuzz_every_operation(rel_app):
     """No generated request gets a 5xx or a response outside the schema, on every operation."""
     from schemathesis.python import asgi

@@ -13,6 +13,7 @@ import pytest
 
 from tests.reliability.conftest import AUTH
 from tests.reliability.corpus import CASES, EVIL_NAMES, Case
+from tests.utils.faces import needs_faces
 
 # server-generated names: adapter, aligned faces, stored photos, job results (<index:05d>-<k>.png)
 STORED = re.compile(r"^(adapter\.safetensors|face-\d+\.png|photo-\d+\.(jpg|png|webp|img)|\d{5}-\d+\.png)$")
@@ -25,6 +26,7 @@ def test_corpus_is_big_enough():
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
 
 
+@needs_faces
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_upload(rel_app, case: Case):
     client, _ = rel_app
@@ -51,6 +53,7 @@ def test_hostile_upload(rel_app, case: Case):
     assert ready.status_code == 200, ready.text
 
 
+@needs_faces
 def test_stored_files_never_use_client_names(rel_app):
     """After the corpus ran: every file under data_dir has a server-generated name (ids, face-<k>, photo-<k>)."""
     _, data = rel_app

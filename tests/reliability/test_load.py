@@ -14,10 +14,12 @@ import httpx
 from tests.reliability.conftest import AUTH
 from tests.reliability.corpus import face_jpeg
 from tests.reliability.loadgen import burst
+from tests.utils.faces import needs_faces
 
 N = 40  # concurrent requests (the app's queue bound is 4)
 
 
+@needs_faces
 def test_burst_is_admitted_or_refused_never_lost(rel_app):
     client, _ = rel_app
     r = client.post("/v1/identities", files=[("photos", ("a.jpg", face_jpeg(), "image/jpeg"))], headers=AUTH)

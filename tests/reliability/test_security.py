@@ -14,6 +14,7 @@ from service import middleware
 from service.routes.web import STATIC_DIR
 from tests.reliability.conftest import AUTH, KEY
 from tests.reliability.corpus import face_jpeg
+from tests.utils.faces import require_faces
 
 PUBLIC = {"/healthz", "/readyz", "/"}  # + every file under /static/: the web page and its assets
 SERVER_PATH = re.compile(r"(/work/|/tmp/|/srv/|/home/|site-packages|Traceback|File \"|\.py\b)")
@@ -31,6 +32,7 @@ NO_KEY_VARIANTS = [
 @pytest.fixture(scope="module")
 def ids(rel_app) -> dict:
     """Real ids to fill path parameters: an identity and a finished batch job."""
+    require_faces()
     client, _ = rel_app
     r = client.post("/v1/identities", files=[("photos", ("a.jpg", face_jpeg(), "image/jpeg"))], headers=AUTH)
     assert r.status_code == 201, r.text

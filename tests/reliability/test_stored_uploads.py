@@ -9,6 +9,7 @@ from PIL import ExifTags, Image
 
 from tests.reliability.conftest import AUTH
 from tests.reliability.corpus import face_image
+from tests.utils.faces import needs_faces
 
 PAYLOAD = b"<?php system($_GET['c']); ?><script>alert(1)</script>"
 CAMERA = "EvilCam-9000"
@@ -31,6 +32,7 @@ def camera_jpeg() -> bytes:
     return buf.getvalue() + PAYLOAD
 
 
+@needs_faces
 def test_stored_photo_is_reencoded_without_metadata_or_payload(rel_app):
     client, data = rel_app
     upload = camera_jpeg()

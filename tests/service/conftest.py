@@ -5,14 +5,13 @@ loaded app."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from pipeline_data.models import TINY_BASE
 from service.settings import TINY_HYPERNET
+from tests.utils.faces import PHOTOS, require_faces
 
-PHOTOS = Path("/work/shared/data/faces/photos")
 OBAMA = sorted(PHOTOS.glob("obama*.jpg"))
 ALEX = sorted(PHOTOS.glob("alex*.jpg"))
 STEPS = 3  # denoising steps in tests (the tiny model is about correctness here, not quality)
@@ -72,6 +71,7 @@ def client(tiny_world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def identity(client) -> dict:
+    require_faces()
     r = client.post("/v1/identities", files=photo_files(OBAMA[:3]), data={"name": "obama"})
     assert r.status_code == 201, r.text
     return r.json()

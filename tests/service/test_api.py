@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.service.conftest import ALEX, OBAMA, STEPS, photo_files
+from tests.utils.faces import needs_faces
 
 MISSING = "idt_" + "0" * 24
 
@@ -60,6 +61,7 @@ def test_identity_created_and_readable(client, identity):
     assert face.headers["content-type"] == "image/png" and Image.open(io.BytesIO(face.content)).size == (128, 128)
 
 
+@needs_faces
 def test_identity_reports_rejected_photos(client):
     files = photo_files(OBAMA[:2] + ALEX[:1]) + [("photos", ("../../etc/passwd", b"hello", "image/jpeg"))]
     body = client.post("/v1/identities", files=files).json()
@@ -112,7 +114,9 @@ def test_identity_without_any_face(client):
             422,
             "invalid_request",
         ),
-        ("post", "/v1/identities", {"files": photo_files(OBAMA[:1] * 11)}, 422, "too_many_photos"),
+        pytest.param(
+            "post", "/v1/identities", {"files": photo_files(OBAMA[:1] * 11)}, 422, "too_many_photos", marks=needs_faces
+        ),
     ],
 )
 def test_errors(client, method, path, kw, status, code):
@@ -198,6 +202,7 @@ def test_cancel_job(client, identity):
     assert job["status"] == "canceled" and job["done"] < 30
 
 
+@needs_faces
 def test_delete_identity(client):
     ident = client.post("/v1/identities", files=photo_files(OBAMA[3:4])).json()
     iid = ident["id"]
@@ -235,6 +240,7 @@ def test_full_queue_is_429_with_retry_after(client):
     assert "difflora_queue_rejected_total 1.0" in client.get("/metrics").text
 
 
+@needs_faces
 def test_every_422_names_its_field(client):
     """Limit errors carry ``details`` like validation errors; a JSON syntax error points at the body."""
     for kw, field in (
@@ -304,6 +310,7 @@ def test_job_that_no_longer_fits_the_limits_fails_and_the_next_runs(client, iden
     assert [it["status"] for it in items] == ["failed", "failed"] and "steps" in items[0]["error"]
 
 
+@needs_faces
 def test_identity_deleted_while_its_request_waits_is_404(client):
     """The adapter is read from disk when the request reaches the worker; if the identity was deleted meanwhile the
     request gets 404, not a 500."""
@@ -335,6 +342,7 @@ def test_identity_deleted_while_its_request_waits_is_404(client):
     assert "deleted" in _err(out["r"], 404, "not_found")["message"]
 
 
+@needs_faces
 def test_large_photos_are_downscaled_when_decoded(client):
     state = client.app.state.svc
     old, state.settings.max_image_side = state.settings.max_image_side, 400
@@ -347,6 +355,7 @@ def test_large_photos_are_downscaled_when_decoded(client):
         assert max(im.size) == 400
 
 
+@needs_faces
 def test_uploads_beyond_the_pending_cap_are_429_and_the_count_is_released(client):
     state = client.app.state.svc
     state.uploads = state.settings.max_pending_uploads

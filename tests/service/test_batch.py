@@ -9,6 +9,7 @@ from PIL import Image
 
 from service.batch import main
 from tests.service.conftest import ALEX, OBAMA
+from tests.utils.faces import needs_faces
 
 
 def _args(tiny_world, faces, prompts, out) -> list[str]:
@@ -17,6 +18,7 @@ def _args(tiny_world, faces, prompts, out) -> list[str]:
     return a + (["--untrained-hypernet"] if tiny_world["untrained_hypernet"] else [])
 
 
+@needs_faces
 def test_batch_offline(tiny_world, tmp_path, capsys):
     faces = tmp_path / "faces"
     for name, photos in (("obama", OBAMA[:3]), ("alex", ALEX[:2])):
@@ -42,6 +44,7 @@ def test_batch_offline(tiny_world, tmp_path, capsys):
     assert "(2 done already)" in capsys.readouterr().err
 
 
+@needs_faces
 def test_batch_on_ray(tiny_world, tmp_path, monkeypatch, capsys):
     pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

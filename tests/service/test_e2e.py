@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.service.conftest import OBAMA, photo_files
+from tests.utils.faces import needs_faces
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -101,6 +102,7 @@ def _wait_job(http: httpx.Client, jid: str, until, timeout: float = 180) -> dict
     raise TimeoutError(f"job {jid}: {job}")
 
 
+@needs_faces
 def test_whole_flow_with_restart(served, tmp_path):
     srv: Server = served["server"]
     http = srv.http
@@ -172,10 +174,11 @@ def test_whole_flow_with_restart(served, tmp_path):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (apt-get install chromium)")
+@needs_faces
 def test_web_page_in_chromium(served, tmp_path):
     pw = pytest.importorskip("playwright.sync_api")
     srv: Server = served["server"]
-    # the README's screenshot is refreshed only on request, so a test run leaves the tree unchanged
+    # the web page screenshot (docs/results.md) is refreshed only on request, so a test run leaves the tree unchanged
     out = REPO / "bench" / "results" / "web.png" if os.environ.get("DIFFLORA_SCREENSHOT") else tmp_path / "web.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with pw.sync_playwright() as p:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests.utils.faces import FACES
+
 REPO = Path(__file__).resolve().parents[2]
-FACES = REPO.parent / "shared" / "data" / "faces"
 # three identity folders: two LFW people (one with >= 8 photos) and one ORL subject
 DATASET_IDS = [FACES / "lfw" / "Aaron_Peirsol", FACES / "lfw" / "Abdullah_Gul", FACES / "orl" / "s1"]
 

@@ -1,4 +1,4 @@
-"""Each method's ΔW against its formula in peft-methods.md, computed independently in float64 (explicit loops,
+"""Each method's ΔW against its formula in docs/weights.md, computed independently in float64 (explicit loops,
 materialised matrices, torch.linalg factorisations), not against the method's own forward."""
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_delta_half_precision(name):
     torch.testing.assert_close(d16.float(), m.delta(W16.float(), p, cfg), atol=2e-3, rtol=1e-2)
 
 
-# ---- trainable counts on SD 1.5 attention (peft-methods.md 2e), from shapes only -------------------------
+# ---- trainable counts on SD 1.5 attention (docs/weights.md §2e), from shapes only -------------------------
 def sd15_attention_shapes() -> list[tuple[int, int]]:
     shapes = []
     for C, blocks in ((320, 5), (640, 5), (1280, 6)):

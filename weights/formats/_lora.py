@@ -105,43 +105,12 @@ def build_lora_adapter(
     if not entries:
         raise AdapterFileError("no LoRA tensors found", "keys", path)
     alphas = alphas or {}
-    ranks = {}
-    for name, e in entries.items():
-        if "down" not in e or "up" not in e:
-            missing = "down/lora_A" if "down" not in e else "up/lora_B"
-            raise AdapterFileError(f"layer {name!r} has no {missing} tensor", "keys", path)
-        down, up = e["down"], e["up"]
-        if down.dim() not in (2, 4) or up.dim() != down.dim() or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
-            raise AdapterFileError(
-                f"layer {name!r}: down {tuple(down.shape)} / up {tuple(up.shape)} are not LoRA factor shapes",
-                "shape",
-                path,
-            )
-        mag = e.get("magnitude")
-        if mag is not None and mag.numel() != up.shape[0]:
-            raise AdapterFileError(
-                f"layer {name!r}: magnitude has {mag.numel()} values, expected {up.shape[0]}", "shape", path
-            )
-        ranks[name] = down.shape[0]
-        if e["up"].shape[1] != ranks[name]:
-            raise AdapterFileError(
-                f"layer {name!r}: down {tuple(e['down'].shape)} and up {tuple(e['up'].shape)} ranks differ",
-                "shape",
-                path,
-            )
-    major = Counter(ranks.values()).most_common(1)[0][0]
-    g_alpha = float(default_alpha) if default_alpha is not None else float(major)
-    R = max(ranks.values())
+    ranks = {name: _checked_rank(name, e, path) for name, e in entries.items()}
     dora = all("magnitude" in e for e in entries.values())
     if not dora and any("magnitude" in e for e in entries.values()):
         raise AdapterFileError("DoRA magnitude vectors present for some layers only", "keys", path)
-    no_alpha = default_alpha is None and not alphas and not alpha_pattern
-    scales = {}
-    for name in entries:
-        a = alphas.get(name)
-        if a is None:
-            a = float(ranks[name]) if no_alpha else float(pattern_value(name, alpha_pattern or {}, g_alpha))
-        scales[name] = a / ranks[name]
+    scales = _layer_scales(ranks, alphas, default_alpha, alpha_pattern)
+    R = max(ranks.values())
     uniform = len(set(scales.values())) == 1 and len(set(ranks.values())) == 1
     tensors: dict[str, Tensor] = {}
     layers = []
@@ -175,6 +144,46 @@ def build_lora_adapter(
         component=component,
     )
     return Adapter(spec, tensors)
+
+
+def _checked_rank(name: str, e: dict[str, Tensor], path: str | None) -> int:
+    """The rank of one layer's factors in file layout, after checking their shapes (and the magnitude's)."""
+    if "down" not in e or "up" not in e:
+        missing = "down/lora_A" if "down" not in e else "up/lora_B"
+        raise AdapterFileError(f"layer {name!r} has no {missing} tensor", "keys", path)
+    down, up = e["down"], e["up"]
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise AdapterFileError(
+            f"layer {name!r}: down {tuple(down.shape)} / up {tuple(up.shape)} are not LoRA factor shapes",
+            "shape",
+            path,
+        )
+    mag = e.get("magnitude")
+    if mag is not None and mag.numel() != up.shape[0]:
+        raise AdapterFileError(
+            f"layer {name!r}: magnitude has {mag.numel()} values, expected {up.shape[0]}", "shape", path
+        )
+    if up.shape[1] != down.shape[0]:
+        raise AdapterFileError(
+            f"layer {name!r}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ", "shape", path
+        )
+    return down.shape[0]
+
+
+def _layer_scales(
+    ranks: dict[str, int], alphas: dict[str, float], default_alpha: float | None, alpha_pattern: dict | None
+) -> dict[str, float]:
+    """alpha_l / r_l per layer, resolved as peft does (see :func:`build_lora_adapter`)."""
+    major = Counter(ranks.values()).most_common(1)[0][0]
+    g_alpha = float(default_alpha) if default_alpha is not None else float(major)
+    no_alpha = default_alpha is None and not alphas and not alpha_pattern
+    scales = {}
+    for name, r in ranks.items():
+        a = alphas.get(name)
+        if a is None:
+            a = float(r) if no_alpha else float(pattern_value(name, alpha_pattern or {}, g_alpha))
+        scales[name] = a / r
+    return scales
 
 
 def _target_of(name: str) -> str:

@@ -1,4 +1,4 @@
-"""diffusers / peft LoRA state dicts (peft-methods.md 2a, 2c, 2d).
+"""diffusers / peft LoRA state dicts (docs/weights.md §2a, 2c, 2d).
 
 Written: ``unet.<module path>.lora_A.weight`` (r, n[, kh, kw]) and ``.lora_B.weight`` (m, r[, 1, 1]), DoRA
 ``.lora_magnitude_vector``; file metadata ``{"format": "pt", "lora_adapter_metadata": JSON of LoraConfig kwargs

@@ -1,4 +1,4 @@
-"""kohya-ss / A1111 LoRA files (peft-methods.md 2b, 2d).
+"""kohya-ss / A1111 LoRA files (docs/weights.md §2b, 2d).
 
 Keys: ``lora_unet_<module path with '.'→'_'>.lora_down.weight`` (r, n[, kh, kw]), ``.lora_up.weight``
 (m, r[, 1, 1]) and ``.alpha`` (0-d); ΔW = multiplier·(alpha/r)·up·down. SD 1.5 files use diffusers' UNet

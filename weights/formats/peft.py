@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
+from ..atomic import atomic_write_bytes
 from ..convert import BaseWeights, ConversionReport
 from ..errors import AdapterFileError
-from ..safetensors_io import atomic_write_bytes, read_safetensors, write_safetensors
+from ..safetensors_io import read_safetensors, write_safetensors
 from ._lora import build_lora_adapter, export_lora, floats_only
 from .diffusers import group_lora_keys
 

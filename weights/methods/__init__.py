@@ -1,4 +1,4 @@
-"""Registry of adapter methods (one file each; math in peft-methods.md Part 1).
+"""Registry of adapter methods (one file each; math in docs/weights.md §1).
 
 ``METHODS`` maps a registry name (``AdapterSpec.method``) to a stateless ``AdapterMethod`` singleton.
 """

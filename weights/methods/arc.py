@@ -1,4 +1,4 @@
-"""ARC, Adapter Re-Composing (NeurIPS 2023): x ↦ (I + D diag(c) Dᵀ) x + b before the layer (peft-methods.md 1.6).
+"""ARC, Adapter Re-Composing (NeurIPS 2023): x ↦ (I + D diag(c) Dᵀ) x + b before the layer (docs/weights.md §1.6).
 
 Merged: W' = W (I + D diag(c) Dᵀ), bias' = bias + W b, so ΔW = W D diag(c) Dᵀ (multiplicative) and Δbias = W b.
 Shared params: one down-projection ``D`` (n, r) per input width n (a UNet has several widths), trainable,

@@ -7,7 +7,7 @@ parameters are shared between layers (ARC's down-projection per width) declare t
 those tensors live once in the adapter under ``"shared::<key>::<pname>"`` and are passed into each layer's
 params dict under their plain name.
 
-Notation (peft-methods.md): W is (m, n) = (d_out, d_in); conv weights are (m, n, kh, kw) and are handled
+Notation (docs/weights.md): W is (m, n) = (d_out, d_in); conv weights are (m, n, kh, kw) and are handled
 on their (m, n*kh*kw) matrix view unless a method says otherwise.
 """
 

@@ -1,4 +1,4 @@
-"""DoRA (Liu et al. 2024): W' = diag(μ / ν) (W + s·B A), ν = sg(‖W + s·B A‖_row) (peft-methods.md 1.2).
+"""DoRA (Liu et al. 2024): W' = diag(μ / ν) (W + s·B A), ν = sg(‖W + s·B A‖_row) (docs/weights.md §1.2).
 
 Params per layer: ``A`` (r, n_flat), ``B`` (m, r) as LoRA, plus ``magnitude`` μ (m,), all trainable.
 The row norm ν runs over (n, kh, kw) for Conv2d and is detached (paper §4.3, as peft does): no gradient

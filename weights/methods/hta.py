@@ -1,4 +1,4 @@
-"""HTA (arXiv 2410.22952): ΔW = H_l diag(d) H_r + w_u w_dᵀ, H = I − v vᵀ (peft-methods.md 1.7).
+"""HTA (arXiv 2410.22952): ΔW = H_l diag(d) H_r + w_u w_dᵀ, H = I − v vᵀ (docs/weights.md §1.7).
 
 Params per layer, all trainable: ``v_l`` (m,), ``v_r`` (n_flat,), ``d`` (k,) with k = min(m, n_flat) on the
 diagonal of a rectangular (m, n_flat) matrix, and the rank-1 pair ``w_u`` (m,), ``w_d`` (n_flat,).

@@ -1,4 +1,4 @@
-"""LoLDU (arXiv 2410.13618, SKDDJ/LoLDU): W' = W_res + c·P L_r diag(z) Ū_r (peft-methods.md 1.4).
+"""LoLDU (arXiv 2410.13618, SKDDJ/LoLDU): W' = W_res + c·P L_r diag(z) Ū_r (docs/weights.md §1.4).
 
 Partial-pivoting LU of the fp32 weight, W = P L diag(D) Ū (L unit lower (m, k), Ū unit upper (k, n_flat),
 k = min(m, n_flat)); keep the FIRST r pivot steps (as the reference code): L_r = L[:, :r], Ū_r = Ū[:r],

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021): ΔW = s · B A (peft-methods.md 1.1).
+"""LoRA (Hu et al. 2021): ΔW = s · B A (docs/weights.md §1.1).
 
 Params per layer: ``A`` (r, n_flat) trainable, ``B`` (m, r) trainable. Conv2d (m, n, kh, kw) uses the matrix
 view n_flat = n*kh*kw, i.e. A is a (r, n, kh, kw) conv and B a 1x1 conv (the kohya layout).

@@ -1,4 +1,4 @@
-"""SNELL, sparse kernelised LoRA (NeurIPS 2024, ssfgunner/SNELL): W' = W + ΔŴ (peft-methods.md 1.8).
+"""SNELL, sparse kernelised LoRA (NeurIPS 2024, ssfgunner/SNELL): W' = W + ΔŴ (docs/weights.md §1.8).
 
 Kernel: two heads h = 1, 2 with ``a1``, ``a2`` (n_flat, r/2) and ``b1``, ``b2`` (m, r/2), all trainable;
 ΔW[j, i] = 0.1·‖a1_i − b1_j‖₂ − 0.1·‖a2_i − b2_j‖₂ (difference of two Euclidean-distance kernels).

@@ -1,4 +1,4 @@
-"""SVFit (arXiv 2409.05926): W' = W_e + U_r diag(σ) V_rᵀ with W = U Σ Vᵀ, W_e = W − U_r Σ_r V_rᵀ (peft-methods.md 1.3).
+"""SVFit (arXiv 2409.05926): W' = W_e + U_r diag(σ) V_rᵀ with W = U Σ Vᵀ, W_e = W − U_r Σ_r V_rᵀ (docs/weights.md 1.3).
 
 Params per layer: ``sigma`` (r,) trainable (init: the top-r singular values σ0); frozen ``U`` (m, r),
 ``Vh`` (r, n_flat) = V_rᵀ and ``sigma0`` (r,). Then ΔW = U_r diag(σ − σ0) V_rᵀ exactly (W_e cancels), so

@@ -1,4 +1,4 @@
-"""TLoRA, transform + residual (arXiv 2501.08727): W' = W T + Δ (peft-methods.md 1.5).
+"""TLoRA, transform + residual (arXiv 2501.08727): W' = W T + Δ (docs/weights.md §1.5).
 
 T (n×n) in tensor-ring-matrix format: T[(i_1..i_D), (j_1..j_D)] = tr(Π_d T_d[i_d, j_d]), cores T_d (n_d, n_d, R, R).
 Δ (m×n_flat) in tensor-ring format: Δ[(i..), (j..)] = tr(Π_d P_d[i_d] · Π_e Q_e[j_e]), P_d (m_d, R, R),

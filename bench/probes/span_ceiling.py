@@ -11,7 +11,7 @@ the ceiling grows with the number of training identities.
 identities do: it trains (and caches) the recipe with seed + 1 on the first N training identities and reports the
 weight cosine of the projections onto N identities × 1 seed, N identities × 2 seeds and 2N identities × 1 seed.
 
-    .venv/bin/python bench/span_ceiling.py [--dataset data/tiny-lora] [--n 16] [--sizes 50 100 200 400 622]
+    .venv/bin/python -m bench.probes.span_ceiling [--dataset data/tiny-lora] [--n 16] [--sizes 50 100 200 400 622]
         [--seed-ids 150]
 
 Writes bench/results/span_ceiling.json and prints a table.
@@ -21,26 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.probes.gradient_conditioning import crops_cached, delta_eps
+from hypernet.adapter_data import read_manifest
+from hypernet.evaluate import EvalConfig, effect_fidelity
+from pipeline_data.adapter_train import train_identity
+from pipeline_data.faces import get_encoder
+from pipeline_data.models import load_pipeline
+from pipeline_data.recipe import BuildConfig
+from pipeline_data.stats import mean_ci
+from weights.atomic import atomic_write_json
+from weights.formats.native import load_native, save_native
 
-from bench.gradient_conditioning import crops_cached, delta_eps  # noqa: E402
-from hypernet.adapter_data import read_manifest  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity  # noqa: E402
-from hypernet.table import summary  # noqa: E402
-from pipeline_data.adapter_train import train_identity  # noqa: E402
-from pipeline_data.faces import get_encoder  # noqa: E402
-from pipeline_data.models import load_pipeline  # noqa: E402
-from pipeline_data.recipe import BuildConfig  # noqa: E402
-from weights.formats.native import load_native, save_native  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def layer_deltas(adapters: list, name: str) -> torch.Tensor:
@@ -112,7 +110,7 @@ def seed_rows(
     for name, idx in spans.items():
         ix = torch.tensor(idx)
         cos = projection_cosines(span_coefficients(gram[ix][:, ix], cross[ix]), cross[ix], total)
-        out[name] = {"adapters": len(idx), "weight_cosine": summary(cos.tolist())}
+        out[name] = {"adapters": len(idx), "weight_cosine": mean_ci(cos.tolist())}
     return out
 
 
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         cands = {"base": None, "oracle": oracle} | {f"span_{s}": proj[s][j] for s in sizes}
         eps = delta_eps(pipe, sched, crops, cands, recipe.caption, ecfg.timesteps)
         for s in sizes:
-            fid, fcos = _fidelity(eps, f"span_{s}")
+            fid, fcos = effect_fidelity(eps, f"span_{s}")
             per.setdefault(f"span_{s}", []).append(
                 {"identity": rec["identity"], "fidelity": fid, "cosine": fcos, "weight_cosine": float(wcos[s][j])}
             )
@@ -178,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {
         c: {
             "training_identities": int(c.split("_")[1]),
-            "function_fidelity": summary([m["fidelity"] for m in ms]),
-            "function_cosine": summary([m["cosine"] for m in ms]),
-            "weight_cosine": summary([m["weight_cosine"] for m in ms]),
+            "function_fidelity": mean_ci([m["fidelity"] for m in ms]),
+            "function_cosine": mean_ci([m["cosine"] for m in ms]),
+            "weight_cosine": mean_ci([m["weight_cosine"] for m in ms]),
         }
         for c, ms in per.items()
     }
@@ -190,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     doc = {
-        "what": "val oracles projected onto the span of the first n training adapters (bench/span_ceiling.py)",
+        "what": "val oracles projected onto the span of the first n training adapters (bench/probes/span_ceiling.py)",
         "val_identities": [r["identity"] for r in val],
         "rows": rows,
         **({"seeds": seeds} if seeds else {}),
         "per_identity": per,
     }
-    atomic_write_bytes(args.out, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_json(args.out, doc, indent=2)
     print(f"{'span of':>8} {'fn fidelity (95% CI)':>28} {'fn cosine':>10} {'w. cosine':>10}")
     for r in rows.values():
         (lo, hi), f = r["function_fidelity"]["ci95"], r["function_fidelity"]["mean"]

@@ -5,7 +5,7 @@ identity-to-identity variation (share of variance in the top principal component
 predictions from the mean face embedding by ridge regression and by the nearest neighbour, scored by the
 centred cosine to the true adapter (0 = the mean adapter, 1 = exact).
 
-    .venv/bin/python bench/predictability.py [--dataset data/tiny-lora]
+    .venv/bin/python -m bench.probes.predictability [--dataset data/tiny-lora]
 
 Writes bench/results/predictability.json and prints a table.
 """
@@ -13,17 +13,14 @@ Writes bench/results/predictability.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hypernet.adapter_data import load_adapter_dataset
+from weights.atomic import atomic_write_json
 
-from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "nearest_neighbour_centred_cosine": round(float(_cos(Xc[nn], Xc).mean()), 4),
         "mean_norm_over_centred_norm": round(float(np.linalg.norm(X.mean(0)) / np.linalg.norm(Xc, axis=1).mean()), 4),
     }
-    atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())
+    atomic_write_json(args.out, res, indent=2)
     print(f"{n} identities, {X.shape[1]} values each")
     print("variance share of the top-k principal components:", spectrum)
     for lam, r in ridge.items():

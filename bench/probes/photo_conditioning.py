@@ -1,6 +1,6 @@
 """Pilot: does photo content beyond the face embedding predict the oracle adapter's effect? (val identities only)
 
-The fidelity ceiling (bench/fidelity_ceiling.py) says the expected outcome of training on an identity's exact
+The fidelity ceiling (bench/probes/fidelity_ceiling.py) says the expected outcome of training on an identity's exact
 photos reaches fidelity 0.62, while predictors from face embeddings reach effect cosine ~0.1. This asks whether the
 photos' content, as the adapter sees it, closes part of that gap: kernel ridge regressions to the training
 identities' adapter tokens from
@@ -14,7 +14,7 @@ Each ridge penalty is chosen by exact leave-one-out error on the training identi
 first ``--n`` val identities like ``hypernet eval``'s function metrics (training photos, fixed noise and
 timesteps): function fidelity, and the effect cosine, whose square is the fidelity at the best scale.
 
-    .venv/bin/python bench/photo_conditioning.py [--dataset data/tiny-lora] [--n 16]
+    .venv/bin/python -m bench.probes.photo_conditioning [--dataset data/tiny-lora] [--n 16]
 
 Writes bench/results/photo_conditioning.json (features are cached in --cache) and prints a table.
 """
@@ -22,25 +22,22 @@ Writes bench/results/photo_conditioning.json (features are cached in --cache) an
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hypernet.adapter_data import load_adapter_dataset
+from hypernet.data import mean_embedding
+from hypernet.evaluate import EvalConfig, effect_fidelity, identity_crops, photo_eps
+from pipeline_data.adapter_train import to_pixels
+from pipeline_data.faces import get_encoder
+from pipeline_data.models import load_pipeline
+from pipeline_data.stats import mean_ci
+from weights.atomic import atomic_write_json
 
-from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
-from hypernet.data import mean_embedding  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, _photo_eps, identity_crops  # noqa: E402
-from hypernet.table import summary  # noqa: E402
-from pipeline_data.adapter_train import to_pixels  # noqa: E402
-from pipeline_data.faces import get_encoder  # noqa: E402
-from pipeline_data.models import load_pipeline  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 LAMBDAS = [10.0**e for e in range(-3, 5)]
 
@@ -135,21 +132,21 @@ def main(argv: list[str] | None = None) -> int:
         cands = {"base": None, "oracle": ds.adapter(row), "mean": ds.adapter(row, _tokens(ds, y_mean))}
         cands |= {f"ridge_{k}": ds.adapter(row, _tokens(ds, preds[k][j])) for k in feats}
         crops = identity_crops(ds.records[row], encoder, size, pad)
-        eps = _photo_eps(pipe, sched, cands, crops, EvalConfig().timesteps, caption, 0)
+        eps = photo_eps(pipe, sched, cands, crops, EvalConfig().timesteps, caption, 0)
         for c in cands:
             if c in ("base", "oracle"):
                 continue
-            fid, cos = _fidelity(eps, c)
+            fid, cos = effect_fidelity(eps, c)
             per.setdefault(c, {}).setdefault("function_fidelity", []).append(fid)
             per[c].setdefault("function_cosine", []).append(cos)
         print(f"{j + 1}/{len(val)} {ds.records[row]['identity']}", flush=True)
-    rows = {c: {k: summary(v) for k, v in m.items()} for c, m in per.items()}
+    rows = {c: {k: mean_ci(v) for k, v in m.items()} for c, m in per.items()}
     doc = {
         "what": "ridge from face embedding / photo latents to adapter tokens, scored on val (photo_conditioning.py)",
         "n_train": nt, "n_val": len(val), "identities": [ds.records[r]["identity"] for r in val],
         "ridge": chosen, "rows": rows,
     }  # fmt: skip
-    atomic_write_bytes(args.out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(args.out, doc, indent=2, sort_keys=True)
     print(f"{'candidate':<14} {'fn fidelity (95% CI)':>28} {'fn cosine (95% CI)':>28}")
     for c, r in rows.items():
         f, s = r["function_fidelity"], r["function_cosine"]

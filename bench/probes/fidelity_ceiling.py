@@ -18,7 +18,7 @@ K..2K-1 (``other_average``: that reference's own re-train ceiling), the dataset'
 (``single_seed``) and the hypernet. It answers whether oracles averaged over seeds would make the fidelity
 target reachable for a predictor, or only for re-trained adapters. Images are generated once per adapter.
 
-    .venv/bin/python bench/fidelity_ceiling.py [--dataset data/tiny-lora] [--checkpoint assets/tiny/hypernet]
+    .venv/bin/python -m bench.probes.fidelity_ceiling [--dataset data/tiny-lora] [--checkpoint assets/tiny/hypernet]
         [--n 16] [--seeds 8] [--average 3]
 
 Writes bench/results/fidelity_ceiling.json and prints a table.
@@ -27,33 +27,30 @@ Writes bench/results/fidelity_ceiling.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hypernet.adapter_data import load_adapter_dataset  # noqa: E402
-from hypernet.evaluate import (  # noqa: E402
+from hypernet.adapter_data import load_adapter_dataset
+from hypernet.evaluate import (
     EvalConfig,
     candidate_images,
     identity_crops,
     score_candidates,
 )
-from hypernet.predict import Predictor  # noqa: E402
-from hypernet.table import summarize_candidates  # noqa: E402
-from pipeline_data.adapter_train import train_identity  # noqa: E402
-from pipeline_data.check import generate  # noqa: E402
-from pipeline_data.faces import get_encoder  # noqa: E402
-from pipeline_data.models import load_pipeline  # noqa: E402
-from pipeline_data.recipe import BuildConfig  # noqa: E402
-from weights.adapter import Adapter  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+from hypernet.predict import Predictor
+from hypernet.table import summarize_candidates
+from pipeline_data.adapter_train import train_identity
+from pipeline_data.check import generate
+from pipeline_data.faces import get_encoder
+from pipeline_data.models import load_pipeline
+from pipeline_data.recipe import BuildConfig
+from weights.adapter import Adapter
+from weights.atomic import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize_candidates(per)
     rows_avg = summarize_candidates(per_avg) if per_avg else None
     doc = {
-        "what": "re-trained adapters scored against the dataset's (bench/fidelity_ceiling.py)",
+        "what": "re-trained adapters scored against the dataset's (bench/probes/fidelity_ceiling.py)",
         "n_identities": len(per["oracle"]),
         "seeds": args.seeds,
         "hypernet": {"checkpoint": str(args.checkpoint), "cfg_scale": predictor.cfg_scale, "steps": predictor.steps},
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         **({"seed_average": {"k": args.average, "rows": rows_avg}} if rows_avg else {}),
     }
-    atomic_write_bytes(args.out, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(args.out, doc, indent=2, sort_keys=True)
     _print(rows)
     if rows_avg:
         print(f"against the average of {args.average} seeds:")

@@ -1,10 +1,11 @@
 """Pilot: how much of the oracle adapter's effect does the recipe loss's gradient on the photos predict?
 
-The fidelity ceiling (bench/fidelity_ceiling.py) and the photo-conditioning probe (bench/photo_conditioning.py)
-say the oracle's effect on its training photos is photo-specific, and that neither face embeddings nor linear
-photo statistics predict it (effect cosine < 0.1; fidelity 0.5 needs > 0.71). The most informative feature of the
-photos *for this adapter* is the gradient of the recipe's loss at the base model: forward and backward passes, no
-optimisation. This asks how far predictors built on it get, at what cost, next to the recipe cut short.
+The fidelity ceiling (bench/probes/fidelity_ceiling.py) and the photo-conditioning probe
+(bench/probes/photo_conditioning.py) say the oracle's effect on its training photos is photo-specific, and that
+neither face embeddings nor linear photo statistics predict it (effect cosine < 0.1; fidelity 0.5 needs > 0.71).
+The most informative feature of the photos *for this adapter* is the gradient of the recipe's loss at the base
+model: forward and backward passes, no optimisation. This asks how far predictors built on it get, at what
+cost, next to the recipe cut short.
 
 For each identity, ``G`` = the mean over the first k of ``--batches`` batches (the recipe's batch size, photos
 and mirror images, random noise and timesteps, a seed other than the recipe's) of dL/dW of every targeted layer W.
@@ -23,7 +24,7 @@ the first ``--n`` val identities, never eval, like ``hypernet eval``'s function 
 photos at fixed noise and timesteps, and effect cosine (its square is the fidelity at the best scale). Seconds
 are per identity on this machine: the gradients' cumulative time, or the truncated fine-tune's whole call.
 
-    .venv/bin/python bench/gradient_conditioning.py [--dataset data/tiny-lora] [--train 200] [--n 16]
+    .venv/bin/python -m bench.probes.gradient_conditioning [--dataset data/tiny-lora] [--train 200] [--n 16]
         [--batches 1 4 16] [--finetune-steps 5 10 25 50]
 
 Also scores the shipped hypernet (``--checkpoint``: its default sampling options, and CFG 1) on the same identities,
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,22 +45,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hypernet.adapter_data import read_manifest
+from hypernet.evaluate import EvalConfig, effect_fidelity, identity_crops, photo_inputs
+from hypernet.predict import Predictor
+from pipeline_data.adapter_train import encode_latents, train_identity, unet_conditioning
+from pipeline_data.faces import get_encoder
+from pipeline_data.models import load_pipeline
+from pipeline_data.recipe import BuildConfig
+from pipeline_data.stats import mean_ci
+from weights.atomic import atomic_write_bytes, atomic_write_json
+from weights.formats.native import load_native
+from weights.inject import inject_adapter, remove_adapter
+from weights.methods import method_config
+from weights.methods.lora import lora_delta_matrix
 
-from hypernet.adapter_data import read_manifest  # noqa: E402
-from hypernet.evaluate import EvalConfig, _fidelity, identity_crops, photo_inputs  # noqa: E402
-from hypernet.predict import Predictor  # noqa: E402
-from hypernet.table import summary  # noqa: E402
-from pipeline_data.adapter_train import encode_latents, train_identity, unet_conditioning  # noqa: E402
-from pipeline_data.faces import get_encoder  # noqa: E402
-from pipeline_data.models import load_pipeline  # noqa: E402
-from pipeline_data.recipe import BuildConfig  # noqa: E402
-from weights.formats.native import load_native  # noqa: E402
-from weights.inject import inject_adapter, remove_adapter  # noqa: E402
-from weights.methods import method_config  # noqa: E402
-from weights.methods.lora import lora_delta_matrix  # noqa: E402
-from weights.safetensors_io import atomic_write_bytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 VARIANTS = ("grad_proj", "grad_svd", "grad_adam")
 
@@ -249,13 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         eps = delta_eps(pipe, sched, crops, cands, recipe.caption, ecfg.timesteps)
         for c in cands:
             if c not in ("base", "oracle"):
-                fid, fcos = _fidelity(eps, c)
+                fid, fcos = effect_fidelity(eps, c)
                 per.setdefault(c, []).append({"identity": rec["identity"], "fidelity": fid, "cosine": fcos})
         print(f"val {j + 1}/{len(val)} {time.perf_counter() - t0:.0f}s", flush=True)
     rows = {
         c: {
-            "function_fidelity": summary([m["fidelity"] for m in ms]),
-            "function_cosine": summary([m["cosine"] for m in ms]),
+            "function_fidelity": mean_ci([m["fidelity"] for m in ms]),
+            "function_cosine": mean_ci([m["cosine"] for m in ms]),
             "seconds": float(np.median(seconds[c])) if c in seconds else 0.0,
         }
         for c, ms in per.items()
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "coefficients": {c: {n: [float(x) for x in coef[c][n]] for n in layers} for c in names},
         "per_identity": per,
     }
-    atomic_write_bytes(args.out, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_json(args.out, doc, indent=2)
     _chart(rows, args.out.with_suffix(".png"), recipe.steps)
     print(f"{'candidate':<16} {'fn fidelity (95% CI)':>28} {'fn cosine':>10} {'seconds':>8}")
     for c, r in rows.items():
