@@ -205,4 +205,3 @@ def train_identity(
         unet.train(was_training)
     adapter.spec = spec
     return TrainResult(adapter, losses, time.perf_counter() - t0, step_seconds)
-
