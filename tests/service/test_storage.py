@@ -54,14 +54,25 @@ def replicas(tmp_path, database_url):
         s.close()
 
 
+def _identity(s: Storage, ident: str = IDT, tenant: str = "default", created: float = 1.0) -> str:
+    from service.storage import IdentityRecord
+
+    if not s.identity_exists(ident):
+        staged = s.staging_dir()
+        (staged / "adapter.safetensors").write_bytes(b"adapter of " + ident.encode())
+        s.add_identity(IdentityRecord(ident, created, "n", {}, b"\7" * 8, 1, tenant=tenant), staged)
+    return ident
+
+
 def _job(s: Storage, n: int = 3, key: str | None = None) -> str:
+    _identity(s)  # results are kept only for identities that exist
     jid, created = s.create_job(new_id("job"), {"n": n}, f"hash{n}", [(IDT, f"p{i}", i) for i in range(n)], key)
     assert created
     return jid
 
 
 def _result_rows(s: Storage, jid: str) -> list[tuple[int, int]]:
-    return [(r["idx"], r["k"]) for r in s.job_results(jid) if r["k"] is not None]
+    return [(r["idx"], r["k"]) for r in s.job_results(jid)[0] if r["k"] is not None]
 
 
 def test_schema_is_at_head_and_upgrade_is_idempotent(replicas):
@@ -212,7 +223,7 @@ def test_paths_in_the_database_are_relative(replicas):
     jid = _job(s, 1)
     s.claim_job()
     s.complete_item(jid, 0, [b"png"], [0], 0.1)
-    (row,) = s.job_results(jid)
+    (row,), _ = s.job_results(jid)
     assert row["file"] == f"results/{jid}/00000-0.png"
     for bad in ("/etc/passwd", "../outside.png", "results/../../x", ""):
         assert s.resolve(bad) is None, bad
@@ -281,7 +292,7 @@ def test_a_data_directory_made_before_migrations_keeps_working(tmp_path):
         assert revision(s.engine) == head()
         assert s.get_identity(IDT).name == "old" and s.get_identity(IDT).embeddings == b"\1" * 8
         assert s.get_job(done)["status"] == "succeeded" and s.get_job(done)["done"] == 2
-        assert [r["file"] for r in s.job_results(done)] == [f"results/{done}/0000{i}-0.png" for i in range(2)]
+        assert [r["file"] for r in s.job_results(done)[0]] == [f"results/{done}/0000{i}-0.png" for i in range(2)]
         assert s.create_job(new_id("job"), {}, "h", [], "key-running") == (crashed, False)  # keys survive
         assert s.claim_job() == crashed  # left 'running' without a lease: resumed
         assert [it["idx"] for it in s.pending_items(crashed)] == [1]
