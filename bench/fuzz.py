@@ -47,7 +47,7 @@ def _wait_ready(proc: subprocess.Popen, session, url: str, log_path: Path, timeo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=100, help="generated cases per operation (12 fuzzable ops)")
+    ap.add_argument("--examples", type=int, default=100, help="generated cases per operation (every operation)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (reproducible cases)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "fuzz.json"))
     args = ap.parse_args(argv)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -145,6 +146,11 @@ def _uncursor(kind: str, cursor: str, types: tuple[type, ...]) -> tuple:
     vals = raw[1:] if ok else []
     if not ok or not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(vals, types)):
         raise ValueError("invalid cursor")
+    for v in vals:  # what a database can compare: finite floats, 64-bit integers, short strings
+        if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) >= 2**63):
+            raise ValueError("invalid cursor")
+        if isinstance(v, str) and len(v) > 200:
+            raise ValueError("invalid cursor")
     return tuple(vals)
 
 
@@ -451,10 +457,14 @@ class Storage:
         if not self.sqlite:
             return
         with self.engine.connect() as c:
-            try:
-                c.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            except Exception:  # noqa: BLE001 - busy: the next checkpoint (SQLite does them itself) catches up
-                pass
+            for _ in range(5):
+                try:
+                    busy, _, _ = c.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                except Exception:  # noqa: BLE001 - locked: the next checkpoint (SQLite does them itself) catches up
+                    busy = 1
+                if not busy:
+                    return
+                time.sleep(0.05)
 
     def expire_identities(self, max_idle_s: float) -> list[str]:
         """Delete (as :meth:`delete_identity`) every identity not used for ``max_idle_s`` seconds (last generation
