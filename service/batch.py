@@ -207,7 +207,10 @@ def _run_ray(args: argparse.Namespace, todo: list[str], prompts: list[str]) -> l
     started = not ray.is_initialized()
     connect(args.ray_address, num_cpus=max(1, args.ray_workers))  # an unreachable address fails at once
     try:
-        task = ray.remote(**ray_task_options(args.device))(run_identities)
+        opts = ray_task_options(args.device)
+        if opts["num_gpus"] and not ray.cluster_resources().get("GPU"):  # the tasks would wait forever
+            raise ValueError("--device cuda: the Ray cluster has no GPU (start its workers with GPUs)")
+        task = ray.remote(**opts)(run_identities)
         chunks = [todo[i :: args.ray_workers] for i in range(args.ray_workers)]
         refs = [task.remote(ray_worker_args(args), c, prompts) for c in chunks if c]
         return [line for part in ray.get(refs) for line in part]

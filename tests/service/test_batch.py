@@ -134,3 +134,17 @@ def test_batch_unreachable_ray_address_fails_at_once(tmp_path, capsys):
     argv = ["--faces", str(tmp_path / "faces"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--ray-address", "127.0.0.1:1"]) == 2
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_batch_cuda_on_a_ray_cluster_without_gpus_is_refused(tmp_path, monkeypatch, capsys):
+    """--device cuda on Ray is checked against the cluster (not the driver): no GPU there is one clear line, not
+    tasks waiting forever for a GPU."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    (tmp_path / "faces" / "obama").mkdir(parents=True)
+    (tmp_path / "faces" / "obama" / OBAMA[0].name).symlink_to(OBAMA[0])
+    faces = tmp_path / "faces"
+    (tmp_path / "p.txt").write_text("a photo\n")
+    argv = ["--faces", str(faces), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--device", "cuda", "--ray-address", "local", "--ray-workers", "1"]) == 2
+    assert "--device cuda: the Ray cluster has no GPU" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from service.jobs import job_items, request_hash
 from service.schemas import JobRequest
 from service.storage import Storage, new_id
 from tests.service.conftest import OBAMA, STEPS, photo_files, wait_ready
+from tests.service.test_e2e import _wait_job
 
 LEASE_S = 1.0
 
@@ -51,16 +52,6 @@ def _queue(other: Storage, ident: str, n: int) -> str:
     return jid
 
 
-def _wait(client, jid: str, done, timeout: float = 60.0) -> dict:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        job = client.get(f"/v1/jobs/{jid}").json()
-        if done(job):
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(client.get(f"/v1/jobs/{jid}").json())
-
-
 def test_a_live_replicas_job_is_left_alone_then_taken_over_when_its_lease_expires(app, ident):
     client, data, url = app
     other = Storage(data, url, lease_s=LEASE_S)  # another replica: it claims the job and finishes item 0
@@ -74,7 +65,7 @@ def test_a_live_replicas_job_is_left_alone_then_taken_over_when_its_lease_expire
             job = other.get_job(jid)
             assert job["lease_owner"] == other.owner and job["done"] == 1
         # the other replica stops renewing (hangs or dies): after the lease the app takes over and finishes
-        job = _wait(client, jid, lambda j: j["status"] == "succeeded")
+        job = _wait_job(client, jid, lambda j: j["status"] == "succeeded", timeout=60)
         assert job["done"] == 3 and job["failed"] == 0
         final = other.get_job(jid)
         assert final["attempts"] == 2 and final["lease_owner"] is None
@@ -103,7 +94,7 @@ def test_jobs_queued_by_another_replica_are_run(app, ident):
     other = Storage(data, url, lease_s=LEASE_S)
     try:
         jid = _queue(other, ident, 2)  # no notify reaches the app: its runner finds the job by polling
-        job = _wait(client, jid, lambda j: j["status"] == "succeeded")
+        job = _wait_job(client, jid, lambda j: j["status"] == "succeeded", timeout=60)
         assert job["done"] == 2 and other.get_job(jid)["attempts"] == 1
     finally:
         other.close()

@@ -56,3 +56,30 @@ def test_serve_exits_when_the_models_cannot_load(tmp_path, capsys):
                      "--log-level", "error"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1 and "failed to load" in err and "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("kw", "database"),
+    [({}, None), ({"database_url": ""}, None), ({"database_url": "postgresql://u:p@db:5432/x"}, "postgresql://u:p@db:5432/x"),
+     ({"database_url": "postgres://u@db/x"}, "postgres://u@db/x"), ({"database_url": "mysql://u@db/x"}, ValueError),
+     ({"database_url": "db:5432"}, ValueError), ({"job_lease_s": 0}, ValueError), ({"job_lease_s": 2.5}, None)],
+)  # fmt: skip
+def test_database_settings(kw, database, monkeypatch):
+    monkeypatch.delenv("DIFFLORA_DATABASE_URL", raising=False)
+    if database is ValueError:
+        with pytest.raises(ValueError, match="database_url|job_lease_s"):
+            Settings(**kw)
+        return
+    s = Settings(**kw)
+    assert s.database == database and "p@db" not in repr(s)  # the password never shows in a repr or a log
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--database-url", "mysql://u:secret@db/x"], "database_url: expected postgresql://"),
+     (["--database-url", "postgresql://u:secret@127.0.0.1:1/x"], "cannot use the database postgresql+psycopg://u:***@")],
+)  # fmt: skip
+def test_serve_database_errors_are_one_line_without_the_password(argv, message, tmp_path, capsys):
+    assert serve_main([*argv, "--data-dir", str(tmp_path), "--port", "0", "--log-level", "error"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "secret" not in err and "Traceback" not in err and err.count("\n") == 1
