@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(td)
         world = tiny_world(tmp)
         log = open(tmp / "server.log", "wb")  # noqa: SIM115
-        proc, url = _start(tmp, world, log)
+        proc, url = _start(tmp, world, log, 16)  # the default queue_size
         session = requests.Session()
         session.headers["X-API-Key"] = KEY
         try:

@@ -91,7 +91,10 @@ class KeyRing:
         """The shared key (tenant ``default``) plus the keys file's keys; ValueError naming a bad file entry."""
         keys = [(hash_key(api_key), Tenant(DEFAULT_TENANT))] if api_key else []
         if keys_file:
-            keys += read_keys_file(Path(keys_file))
+            from_file = read_keys_file(Path(keys_file))
+            if not from_file:  # an empty file must not turn the key check off
+                raise ValueError(f"api_keys_file {keys_file}: no keys in it (add one: difflora keys add NAME)")
+            keys += from_file
         digests = [d for d, _ in keys]
         if len(set(digests)) != len(digests):
             raise ValueError("the same API key is configured twice (api_key and api_keys_file, or twice in the file)")

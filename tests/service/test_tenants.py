@@ -61,6 +61,7 @@ def _js(*entries) -> str:
     ("content", "message"),
     [
         ("{", "not valid JSON"),
+        ("[]", "no keys in it"),
         ('{"keys": 3}', "expected a list of keys"),
         ('["x"]', r"keys\[0\]: expected a table/object"),
         (_js({"name": "a b", "key": ALICE}), r"keys\[0\]\.name: 1-64 characters"),
