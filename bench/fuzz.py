@@ -48,7 +48,7 @@ def _wait_ready(proc: subprocess.Popen, session, url: str, log_path: Path, timeo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=100, help="generated cases per operation (12 fuzzable ops)")
+    ap.add_argument("--examples", type=int, default=100, help="generated cases per operation (every operation)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (reproducible cases)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "fuzz.json"))
     args = ap.parse_args(argv)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(td)
         world = tiny_world(tmp)
         log = open(tmp / "server.log", "wb")  # noqa: SIM115
-        proc, url = _start(tmp, world, log)
+        proc, url = _start(tmp, world, log, 16)  # the default queue_size
         session = requests.Session()
         session.headers["X-API-Key"] = KEY
         try:

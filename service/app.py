@@ -73,6 +73,6 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
             allow_headers=["X-API-Key", "Content-Type", "Idempotency-Key", "Accept", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Seed", "X-Batch-Images"],
         )  # fmt: skip
-    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=key, metrics=state.metrics)
+    keys = settings.keyring()
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys, metrics=state.metrics)
     return app

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.main:serve_main", "run the HTTP service"),
     "batch": ("service.batch:main", "batch personalization without a server"),
     "db": ("service.dbcli:main", "create or upgrade the service database (upgrade, current)"),
+    "keys": ("service.tenants:main", "API keys of the service's tenants (add, list)"),
 }
 
 

@@ -24,6 +24,7 @@ SQLITE_FILE = "difflora.sqlite3"  # the embedded database, inside the data direc
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 LEGACY_REVISION = "0001"  # the schema the service created before migrations existed (no alembic_version table)
 READ_ONLY = "difflora_read_only"  # execution option: an SQLite transaction that only reads (deferred BEGIN)
+DEFAULT_TENANT = "default"  # owner of rows made before tenants, of the shared api_key's and of keyless requests
 _PG_MIGRATION_LOCK = 0x646966666C6F7261  # pg_advisory_xact_lock key ("difflora"): one replica migrates at a time
 
 metadata = sa.MetaData()
@@ -37,7 +38,13 @@ identities = sa.Table(
     sa.Column("info", sa.Text, nullable=False),  # JSON: photos, consistency, warnings, seconds, spec
     sa.Column("embeddings", sa.LargeBinary, nullable=False),  # float32 (P, E) of the inlier photos
     sa.Column("num_embeddings", sa.Integer, nullable=False),
+    sa.Column("tenant", sa.Text, nullable=False, server_default=DEFAULT_TENANT),  # owner (service.tenants)
+    sa.Column("last_used", sa.Float),  # epoch seconds of the last generation or job item (NULL: never used)
+    sa.Column("idempotency_key", sa.Text),  # "<tenant>/<Idempotency-Key>" of the creating request (unique)
+    sa.Column("request_hash", sa.Text),  # SHA-256 of the creating request (photos + name), for replays
 )
+sa.Index("ix_identities_tenant_created", identities.c.tenant, identities.c.created, identities.c.id)
+sa.Index("ux_identities_idempotency_key", identities.c.idempotency_key, unique=True)
 
 jobs = sa.Table(
     "jobs",
@@ -56,8 +63,10 @@ jobs = sa.Table(
     sa.Column("lease_owner", sa.Text),  # replica running the job (NULL unless running)
     sa.Column("lease_expires", sa.Float),  # epoch seconds; after it any replica may take the job over
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # claims so far (takeovers + 1)
+    sa.Column("tenant", sa.Text, nullable=False, server_default=DEFAULT_TENANT),  # owner (service.tenants)
 )
 sa.Index("ix_jobs_status_created", jobs.c.status, jobs.c.created)
+sa.Index("ix_jobs_tenant_created", jobs.c.tenant, jobs.c.created, jobs.c.id)
 
 job_items = sa.Table(
     "job_items",
@@ -71,6 +80,7 @@ job_items = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("seconds", sa.Float),
 )
+sa.Index("ix_job_items_identity", job_items.c.identity_id)
 
 results = sa.Table(
     "results",
@@ -124,6 +134,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA secure_delete=ON")  # deleted rows (face embeddings) are zeroed, not left in free pages
             cur.close()
 
         @sa.event.listens_for(engine, "begin")

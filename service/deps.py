@@ -6,11 +6,13 @@ import asyncio
 import concurrent.futures as cf
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Query, Request
 
 from .engine import Engine, EngineClosedError, QueueFullError
 from .errors import ApiError
+from .middleware import TENANT_SCOPE_KEY
 from .state import ServiceState
+from .tenants import ANONYMOUS, Tenant
 
 
 def get_state(request: Request) -> ServiceState:
@@ -50,3 +52,33 @@ async def wait_for(fut: cf.Future) -> Any:
         return await asyncio.wrap_future(fut)
     except EngineClosedError as e:
         raise ApiError(503, "shutting_down", str(e)) from None
+
+
+def get_tenant(request: Request) -> Tenant:
+    """The request's tenant (set by the guard middleware from its API key; ``default`` when no key is set up)."""
+    return request.scope.get(TENANT_SCOPE_KEY, ANONYMOUS)
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+# ---- lists and idempotency (the same parameters on every route that has them) ---------------------------------------
+MAX_PAGE = 100  # items per page at most
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"items per page (1..{MAX_PAGE})")]
+PageCursor = Annotated[
+    str | None,
+    Query(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$", description="next_cursor of the previous page"),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(min_length=1, max_length=200, pattern=r"\S", description="same key + same request → the same resource"),
+]
+
+
+def bad_cursor() -> ApiError:
+    msg = "not a cursor this list returned"
+    return ApiError(422, "invalid_request", f"cursor: {msg}", details=[{"field": "cursor", "message": msg}])
+
+
+def idempotency_mismatch() -> ApiError:
+    return ApiError(409, "idempotency_mismatch", "this Idempotency-Key was already used for a different request")

@@ -45,11 +45,18 @@ def job_items(req: JobRequest) -> list[tuple[str, str, int]]:
 
 POLL_S = 1.0  # how often an idle runner looks for work another replica queued (its own are notified at once)
 SWEEP_EVERY_S = 600.0  # how often a replica removes old leftovers of interrupted writes (Storage.sweep)
+RETENTION_EVERY_S = 60.0  # how often expired identities are deleted (more often for a retention under 4 minutes)
+
+
+def retention_interval(retention_s: float) -> float:
+    """Seconds between retention sweeps: a quarter of the period, at most ``RETENTION_EVERY_S``, at least 0.25."""
+    return max(0.25, min(RETENTION_EVERY_S, retention_s / 4))
 
 
 class JobRunner:
     """One asyncio task: claims a job and runs its pending items, one model request at a time (so interactive
-    requests are never starved by a big batch); a second task renews the leases."""
+    requests are never starved by a big batch); a second task renews the leases; a third, with a retention period
+    set, deletes identities nobody used for that long."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
@@ -57,12 +64,15 @@ class JobRunner:
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._beat_task: asyncio.Task | None = None
+        self._retention_task: asyncio.Task | None = None
         self._lost: set[str] = set()  # jobs whose lease this replica lost (taken over, canceled, finished)
         self._current: str | None = None  # the job being run
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="difflora-jobs")
         self._beat_task = asyncio.create_task(self._beat(), name="difflora-leases")
+        if self.state.settings.identity_retention_s is not None:
+            self._retention_task = asyncio.create_task(self._retention(), name="difflora-retention")
 
     def notify(self) -> None:
         self._wake.set()
@@ -76,12 +86,28 @@ class JobRunner:
                 await asyncio.wait_for(self._task, timeout=self.state.settings.drain_timeout_s + 5)
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        if self._beat_task is not None:
-            self._beat_task.cancel()
+        for task in (self._beat_task, self._retention_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+
+    async def _retention(self) -> None:
+        """Delete identities unused for ``identity_retention_s`` (every replica may run it: deletes are
+        idempotent), and drop them from memory."""
+        period = float(self.state.settings.identity_retention_s)
+        while True:
+            await asyncio.sleep(retention_interval(period))
             try:
-                await self._beat_task
-            except asyncio.CancelledError:
-                pass
+                gone = await anyio.to_thread.run_sync(self.state.storage.expire_identities, period)
+                for identity_id in gone:
+                    self.state.forget_identity(identity_id)
+                if gone:
+                    log.info("retention: deleted %d identities unused for %.0f s", len(gone), period)
+            except Exception:  # noqa: BLE001 - a database hiccup: the next round retries
+                log.exception("retention sweep failed")
 
     async def _beat(self) -> None:
         """Renew this replica's leases every third of the lease; note the jobs it lost; sweep now and then."""
@@ -153,6 +179,7 @@ class JobRunner:
             if not storage.identity_exists(ident):
                 await anyio.to_thread.run_sync(storage.fail_item, job_id, idx, "identity not found", 0.0)
                 continue
+            await anyio.to_thread.run_sync(storage.touch_identity, ident)
             seeds = [(item["seed"] + k) % (MAX_SEED + 1) for k in range(req.num_images)]
             while True:
                 try:

@@ -1,11 +1,10 @@
 """Pure-ASGI guard in front of the app: request id (``X-Request-ID``), request metrics and access log, API key
-(constant-time), body-size cap (413) — all before Starlette parses a byte of the body (it reads whole multipart
-bodies before any handler runs). An unhandled exception becomes the generic 500 here, so that it carries the
-request id too."""
+(hashed, constant-time; its tenant goes into the scope as ``scope["difflora.tenant"]``), body-size cap (413) — all
+before Starlette parses a byte of the body (it reads whole multipart bodies before any handler runs). An unhandled
+exception becomes the generic 500 here, so that it carries the request id too."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -13,10 +12,12 @@ import time
 from .errors import ApiError, error_body
 from .metrics import Metrics
 from .request_id import HEADER, RULE, current_request_id, new_request_id, parse_request_id
+from .tenants import ANONYMOUS, KeyRing
 
 log = logging.getLogger("difflora.service")
 access_log = logging.getLogger("difflora.access")
 _RID = HEADER.lower().encode()
+TENANT_SCOPE_KEY = "difflora.tenant"  # the request's Tenant in the ASGI scope (service.deps.get_tenant)
 
 PUBLIC_PATHS = ("/healthz", "/readyz")  # never need the API key
 WEB_PATHS = ("/", "/static/")  # the web page and its assets (no data; the page asks for the key itself)
@@ -38,23 +39,21 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
 
 
 class GuardMiddleware:
-    def __init__(self, app, *, max_body_bytes: int, api_key: str | None, metrics: Metrics) -> None:
-        self.app, self.max_body, self.metrics = app, max_body_bytes, metrics
-        self.api_key = api_key.encode() if api_key else None
+    def __init__(self, app, *, max_body_bytes: int, keys: KeyRing, metrics: Metrics) -> None:
+        self.app, self.max_body, self.metrics, self.keys = app, max_body_bytes, metrics, keys
 
     def _needs_key(self, path: str) -> bool:
-        if self.api_key is None or path in PUBLIC_PATHS:
+        if not self.keys.required or path in PUBLIC_PATHS:
             return False
         return not (path == "/" or path.startswith("/static/"))
 
-    def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
+    def _tenant(self, headers: dict[bytes, bytes]):
         given = headers.get(b"x-api-key")
         if given is None:
             auth = headers.get(b"authorization", b"")
             if auth[:7].lower() == b"bearer ":
                 given = auth[7:].strip()
-        # compare_digest on equal-type bytes: time does not depend on where the strings differ
-        return given is not None and hmac.compare_digest(given, self.api_key)
+        return self.keys.authenticate(given)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -99,7 +98,9 @@ class GuardMiddleware:
 
     async def _guarded(self, scope, receive, send, state) -> None:
         headers = dict(scope.get("headers") or [])
-        if self._needs_key(scope["path"]) and not self._key_ok(headers):
+        tenant = self._tenant(headers) if self._needs_key(scope["path"]) else ANONYMOUS
+        scope[TENANT_SCOPE_KEY] = tenant
+        if tenant is None:
             await _send_json(
                 send, 401, error_body("unauthorized", "missing or invalid API key (send it as X-API-Key)"),
                 [(b"www-authenticate", b'ApiKey header="X-API-Key"')],

@@ -47,7 +47,9 @@ class PhotoPublic(BaseModel):
 class IdentityPublic(BaseModel):
     id: str = Field(examples=["idt_0123456789abcdef01234567"])
     name: str = ""
+    tenant: str = Field("default", description="the tenant that owns it (the API key's)")
     created: float
+    last_used: float | None = Field(None, description="last generation or job item with it (epoch seconds)")
     photos: list[PhotoPublic]
     photos_used: int
     photos_rejected: int
@@ -58,6 +60,13 @@ class IdentityPublic(BaseModel):
     adapter: dict = Field(description="method, rank, layers, parameters of the predicted adapter")
     predictor_trained: bool
     seconds: dict[str, float] = Field(description="faces / predict / store / total")
+
+
+class IdentityList(BaseModel):
+    """One page of identities, oldest first; ``next_cursor``: pass it as ``cursor`` for the next page (null: last)."""
+
+    items: list[IdentityPublic]
+    next_cursor: str | None = None
 
 
 # ---- generations --------------------------------------------------------------------------------------------------
@@ -135,6 +144,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 class JobPublic(BaseModel):
     id: str = Field(examples=["job_0123456789abcdef01234567"])
     status: JobState
+    tenant: str = Field("default", description="the tenant that owns it (the API key's)")
     created: float
     started: float | None = None
     finished: float | None = None
@@ -147,6 +157,13 @@ class JobPublic(BaseModel):
     results_url: str
 
 
+class JobList(BaseModel):
+    """One page of jobs, oldest first; ``next_cursor``: pass it as ``cursor`` for the next page (null: last)."""
+
+    items: list[JobPublic]
+    next_cursor: str | None = None
+
+
 class JobResultPublic(BaseModel):
     index: int
     identity_id: str
@@ -157,9 +174,12 @@ class JobResultPublic(BaseModel):
 
 
 class JobResultsPublic(BaseModel):
+    """One page of a job's items in order; ``next_cursor``: pass it as ``cursor`` for the next page (null: last)."""
+
     id: str
     status: JobState
     results: list[JobResultPublic]
+    next_cursor: str | None = None
 
 
 # ---- health -------------------------------------------------------------------------------------------------------

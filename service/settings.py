@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # bind address
     port: int = Field(8000, ge=0, le=65535)  # bind port (0: any free port)
     api_key: SecretStr | None = None  # when set, every endpoint but health and the web page needs X-API-Key
+    # JSON/TOML file of tenants' keys [{name, key_sha256 | key, admin}] (service.tenants; `difflora keys add`)
+    api_keys_file: Path | None = None
     allow_insecure_bind: bool = False  # allow binding beyond loopback without an API key
     cors_origins: list[str] = Field(default_factory=list)  # CORS allow-list; empty = CORS off
     # --- engine ---
@@ -99,6 +101,9 @@ class Settings(BaseSettings):
     max_event_streams: int = Field(64, ge=1, le=10_000)  # open Server-Sent-Events streams at once (429 beyond)
     job_events_poll_s: float = Field(0.25, ge=0.01, le=10.0)  # how often a stream reads the job's state
     job_events_keepalive_s: float = Field(15.0, ge=0.1, le=300.0)  # a comment line after this long without events
+    # --- data retention ---
+    # delete identities (photos, faces, adapter, rows) unused (no generation or job item) for this long; None: keep
+    identity_retention_s: float | None = Field(None, ge=1, le=100 * 365 * 86400)
     default_steps: int | None = Field(None, ge=1)  # default: per preset
     default_size: int | None = Field(None, ge=8)  # default: per preset
 
@@ -127,10 +132,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if not is_loopback(self.host) and self.api_key is None and not self.allow_insecure_bind:
+        if self.api_keys_file is not None:
+            self.keyring()  # a bad keys file is a settings error, named, before anything starts
+        no_key = self.api_key is None and self.api_keys_file is None
+        if not is_loopback(self.host) and no_key and not self.allow_insecure_bind:
             raise ValueError(
                 f"refusing to bind {self.host!r} (beyond loopback) without an API key: set DIFFLORA_API_KEY "
-                "or allow it explicitly with --allow-insecure-bind / DIFFLORA_ALLOW_INSECURE_BIND=1"
+                "(or DIFFLORA_API_KEYS_FILE) or allow it explicitly with --allow-insecure-bind / "
+                "DIFFLORA_ALLOW_INSECURE_BIND=1"
             )
         if self.api_key is not None and len(self.api_key.get_secret_value()) < 8:
             raise ValueError("api_key must be at least 8 characters")
@@ -144,6 +153,13 @@ class Settings(BaseSettings):
         if self.default_size > self.max_size or self.default_steps > self.max_steps:
             raise ValueError("default_size/default_steps exceed max_size/max_steps")
         return self
+
+    def keyring(self):
+        """The API keys (``service.tenants.KeyRing``): the shared ``api_key`` and the keys file's."""
+        from .tenants import KeyRing
+
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        return KeyRing.from_settings(key, self.api_keys_file)
 
     @property
     def hypernet_dir(self) -> Path | None:

@@ -41,6 +41,11 @@ class ServiceState:
     face_limiter: Any = None  # anyio.CapacityLimiter(settings.face_workers), made on first use (needs a loop)
     on_load_failed: Any = None  # optional callback (difflora serve exits instead of serving a broken model)
 
+    def forget_identity(self, identity_id: str) -> None:
+        """Drop every in-memory copy of a deleted identity (the engine's adapter cache)."""
+        if self.engine is not None:
+            self.engine.forget(identity_id)
+
     def load(self) -> None:
         """Load everything and warm up (runs in a background thread; sets ``ready`` or ``load_error``)."""
         try:

@@ -21,6 +21,16 @@ Jobs are claimed with a lease (:meth:`Storage.claim_job`): the replica that runs
 (:meth:`Storage.heartbeat`); one that dies stops renewing, and after ``lease_s`` another replica takes the job over
 (PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED``; SQLite: the write lock, plus the dead replica's free lock file).
 Results are written idempotently, keyed by (job, item, image), so a job taken over has every result exactly once.
+
+Tenants: every identity and job row names its owning tenant (``service.tenants``). Methods that read one by id or
+list take ``tenant``: the owner's name (another tenant's row is then exactly like a missing one) or None (every
+tenant: admin keys and the service's own work). Lists are pages in a stable order (creation time, then id) with an
+opaque cursor for the next page (:meth:`Storage.list_identities`, :meth:`Storage.list_jobs`,
+:meth:`Storage.job_results`).
+
+Faces are biometric data: :meth:`Storage.delete_identity` removes the row (SQLite: ``secure_delete`` zeroes it, and
+the WAL is checkpointed so no old copy stays in it), the identity's folder (photos, face crops, adapter) and the
+images its job items produced; :meth:`Storage.expire_identities` does so for identities unused for a while.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -48,6 +59,7 @@ from sqlalchemy.engine import Connection
 from weights.atomic import atomic_write_bytes as atomic_write
 
 from .db import (
+    DEFAULT_TENANT,
     READ_ONLY,
     database_url,
     ensure_sqlite_dir,
@@ -96,23 +108,61 @@ class IdentityRecord:
     info: dict[str, Any]
     embeddings: bytes
     num_embeddings: int
+    tenant: str = DEFAULT_TENANT  # owner
+    last_used: float | None = None  # last generation or job item (None: never)
 
 
 def _identity(r: Any) -> IdentityRecord:
-    return IdentityRecord(r.id, r.created, r.name, json.loads(r.info), bytes(r.embeddings), r.num_embeddings)
+    return IdentityRecord(
+        r.id, r.created, r.name, json.loads(r.info), bytes(r.embeddings), r.num_embeddings, r.tenant, r.last_used
+    )
 
 
-def _cursor(created: float, ident: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([created, ident]).encode()).decode().rstrip("=")
+def _cursor(kind: str, *values: Any) -> str:
+    """An opaque page cursor: url-safe base64 of ``[kind, *values]`` (``kind`` keeps one list's cursor out of
+    another)."""
+    return base64.urlsafe_b64encode(json.dumps([kind, *values]).encode()).decode().rstrip("=")
 
 
-def _uncursor(cursor: str) -> tuple[float, str]:
-    """ValueError("invalid cursor") unless ``cursor`` came from :func:`_cursor`."""
+def _uncursor(kind: str, cursor: str, types: tuple[type, ...]) -> tuple:
+    """The values of a :func:`_cursor` of ``kind``, of ``types``; ValueError("invalid cursor") for anything else."""
     try:
-        created, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return float(created), str(ident)
-    except (ValueError, TypeError) as e:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError as e:  # binascii.Error and JSONDecodeError are ValueErrors
         raise ValueError("invalid cursor") from e
+    ok = isinstance(raw, list) and len(raw) == len(types) + 1 and raw[0] == kind
+    vals = raw[1:] if ok else []
+    if not ok or not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(vals, types)):
+        raise ValueError("invalid cursor")
+    for v in vals:  # what a database can compare: finite floats, 64-bit integers, short strings
+        if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) >= 2**63):
+            raise ValueError("invalid cursor")
+        if isinstance(v, str) and len(v) > 200:
+            raise ValueError("invalid cursor")
+    return tuple(vals)
+
+
+def _owned(table: sa.Table, tenant: str | None):
+    """The owner condition: ``tenant``'s rows, or every row for None."""
+    return sa.true() if tenant is None else table.c.tenant == tenant
+
+
+def scoped_key(tenant: str, key: str) -> str:
+    """How an Idempotency-Key is stored: per tenant (two tenants may use the same key)."""
+    return f"{tenant}/{key}"
+
+
+def _page(q, table: sa.Table, limit: int, cursor: str | None, kind: str):
+    """``q`` ordered by (created, id) from after ``cursor``, ``limit + 1`` rows (the extra one: is there more)."""
+    q = q.order_by(table.c.created, table.c.id).limit(limit + 1)
+    if cursor is not None:
+        created, ident = _uncursor(kind, cursor, (float, str))
+        q = q.where(sa.tuple_(table.c.created, table.c.id) > sa.tuple_(created, ident))
+    return q
+
+
+def _next(rows: list, limit: int, kind: str) -> str | None:
+    return _cursor(kind, float(rows[limit - 1].created), rows[limit - 1].id) if len(rows) > limit else None
 
 
 class Storage:
@@ -296,53 +346,128 @@ class Storage:
         return removed
 
     # ---- identities -----------------------------------------------------------------------------------------
-    def add_identity(self, rec: IdentityRecord, staged: Path) -> None:
+    def add_identity(
+        self, rec: IdentityRecord, staged: Path, key: str | None = None, request_hash: str | None = None
+    ) -> tuple[str, bool]:
         """Move the staged folder into place, then commit the row (a crash in between leaves an orphan folder
-        that :meth:`sweep` removes)."""
+        that :meth:`sweep` removes). With an Idempotency-``key`` (stored per tenant): ``(id, True)``, or, when
+        another request with the key got there first, ``(its id, False)`` and this one's folder is removed.
+        ValueError("idempotency_mismatch") when that request was a different one."""
         final = self.identity_dir(rec.id)
         os.replace(staged, final)
-        with self.tx() as c:
-            c.execute(
-                identities.insert().values(
-                    id=rec.id, created=rec.created, name=rec.name, info=json.dumps(rec.info),
-                    embeddings=rec.embeddings, num_embeddings=rec.num_embeddings,
-                )
-            )  # fmt: skip
+        stored_key = None if key is None else scoped_key(rec.tenant, key)
+        try:
+            with self.tx() as c:
+                c.execute(
+                    identities.insert().values(
+                        id=rec.id, created=rec.created, name=rec.name, info=json.dumps(rec.info),
+                        embeddings=rec.embeddings, num_embeddings=rec.num_embeddings, tenant=rec.tenant,
+                        last_used=rec.last_used, idempotency_key=stored_key, request_hash=request_hash,
+                    )
+                )  # fmt: skip
+        except sa.exc.IntegrityError:
+            shutil.rmtree(final, ignore_errors=True)
+            if stored_key is None or (found := self._for_key(identities, stored_key, request_hash or "")) is None:
+                raise
+            return found, False
+        return rec.id, True
 
-    def get_identity(self, identity_id: str) -> IdentityRecord | None:
+    def identity_for_key(self, tenant: str, key: str, request_hash: str) -> str | None:
+        """The identity an earlier request with this Idempotency-Key made (None: none yet); ValueError
+        ("idempotency_mismatch") when that request was a different one."""
+        return self._for_key(identities, scoped_key(tenant, key), request_hash)
+
+    def get_identity(self, identity_id: str, tenant: str | None = None) -> IdentityRecord | None:
         if not valid_id(identity_id, "idt"):
             return None
         with self.read() as c:
-            r = c.execute(sa.select(identities).where(identities.c.id == identity_id)).first()
+            q = sa.select(identities).where((identities.c.id == identity_id) & _owned(identities, tenant))
+            r = c.execute(q).first()
         return None if r is None else _identity(r)
 
-    def list_identities(self, limit: int = 50, cursor: str | None = None) -> tuple[list[IdentityRecord], str | None]:
-        """Identities oldest first, ``limit`` at a time: ``(page, cursor of the next page or None)``.
-        ValueError("invalid cursor") for a cursor this method did not return."""
-        q = sa.select(identities).order_by(identities.c.created, identities.c.id).limit(limit + 1)
-        if cursor is not None:
-            created, ident = _uncursor(cursor)
-            q = q.where(sa.tuple_(identities.c.created, identities.c.id) > sa.tuple_(created, ident))
+    def list_identities(
+        self, limit: int = 20, cursor: str | None = None, tenant: str | None = None
+    ) -> tuple[list[IdentityRecord], str | None]:
+        """``tenant``'s identities (None: everyone's) oldest first (creation time, then id), ``limit`` at a time:
+        ``(page, cursor of the next page or None)``. ValueError("invalid cursor") for a cursor this method did not
+        return."""
+        q = _page(sa.select(identities).where(_owned(identities, tenant)), identities, limit, cursor, "idt")
         with self.read() as c:
             rows = c.execute(q).all()
-        page = [_identity(r) for r in rows[:limit]]
-        more = len(rows) > limit and page
-        return page, _cursor(page[-1].created, page[-1].id) if more else None
+        return [_identity(r) for r in rows[:limit]], _next(rows, limit, "idt")
 
-    def identity_exists(self, identity_id: str) -> bool:
+    def identity_exists(self, identity_id: str, tenant: str | None = None) -> bool:
         if not valid_id(identity_id, "idt"):
             return False
+        q = sa.select(identities.c.id).where((identities.c.id == identity_id) & _owned(identities, tenant))
         with self.read() as c:
-            return c.execute(sa.select(identities.c.id).where(identities.c.id == identity_id)).first() is not None
+            return c.execute(q).first() is not None
 
-    def delete_identity(self, identity_id: str) -> bool:
+    def touch_identity(self, identity_id: str, now: float | None = None) -> None:
+        """Record a use (a generation or a job item) of an identity, for the retention period."""
+        with self.tx() as c:
+            c.execute(identities.update().where(identities.c.id == identity_id).values(last_used=now or time.time()))
+
+    def delete_identity(
+        self, identity_id: str, tenant: str | None = None, *, idle_before: float | None = None
+    ) -> bool:
+        """Delete an identity: its row, its folder (photos, face crops, adapter) and the images its job items made
+        (their rows too; the items stay, with ``error`` saying so). ``idle_before``: only if it was last used
+        (or, never used, created) before this time. False when there is no such identity (of ``tenant``)."""
         if not valid_id(identity_id, "idt"):
             return False
+        i, r = job_items, results_t
+        cond = (identities.c.id == identity_id) & _owned(identities, tenant)
+        if idle_before is not None:
+            cond = cond & (sa.func.coalesce(identities.c.last_used, identities.c.created) < idle_before)
         with self.tx() as c:
-            n = c.execute(identities.delete().where(identities.c.id == identity_id)).rowcount
-        if n:
-            shutil.rmtree(self.identity_dir(identity_id), ignore_errors=True)
-        return bool(n)
+            if not c.execute(identities.delete().where(cond)).rowcount:
+                return False
+            made = sa.select(i.c.job_id, i.c.idx).where(i.c.identity_id == identity_id)
+            files = c.execute(
+                sa.select(r.c.file).where(sa.tuple_(r.c.job_id, r.c.idx).in_(made))
+            ).scalars().all()  # fmt: skip
+            c.execute(r.delete().where(sa.tuple_(r.c.job_id, r.c.idx).in_(made)))
+            c.execute(
+                i.update().where((i.c.identity_id == identity_id) & (i.c.status == "done"))
+                .values(error="identity deleted: its images were removed")
+            )  # fmt: skip
+        shutil.rmtree(self.identity_dir(identity_id), ignore_errors=True)
+        for rel in files:
+            if (path := self.resolve(rel)) is not None:
+                path.unlink(missing_ok=True)
+        self._checkpoint()
+        return True
+
+    def _checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database and truncate it, so deleted rows leave no old copy in the WAL
+        (best effort: a reader holding an old snapshot makes it a partial checkpoint, the next one finishes)."""
+        if not self.sqlite:
+            return
+        with self.engine.connect() as c:
+            for _ in range(5):
+                try:
+                    busy, _, _ = c.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                except Exception:  # noqa: BLE001 - locked: the next checkpoint (SQLite does them itself) catches up
+                    busy = 1
+                if not busy:
+                    return
+                time.sleep(0.05)
+
+    def expire_identities(self, max_idle_s: float) -> list[str]:
+        """Delete (as :meth:`delete_identity`) every identity not used for ``max_idle_s`` seconds (last generation
+        or job item; never used: since created), except those a queued or running job still has to run. Returns
+        the ids deleted."""
+        cutoff = time.time() - max_idle_s
+        waiting = (
+            sa.select(job_items.c.identity_id)
+            .select_from(job_items.join(jobs, jobs.c.id == job_items.c.job_id))
+            .where((job_items.c.status == "pending") & jobs.c.status.in_(("queued", "running")))
+        )
+        idle = sa.func.coalesce(identities.c.last_used, identities.c.created) < cutoff
+        with self.read() as c:
+            ids = c.execute(sa.select(identities.c.id).where(idle & identities.c.id.not_in(waiting))).scalars().all()
+        return [i for i in ids if self.delete_identity(i, idle_before=cutoff)]
 
     def count_identities(self) -> int:
         with self.read() as c:
@@ -350,22 +475,29 @@ class Storage:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def create_job(
-        self, job_id: str, request: dict, request_hash: str, items: list[tuple[str, str, int]], key: str | None
+        self,
+        job_id: str,
+        request: dict,
+        request_hash: str,
+        items: list[tuple[str, str, int]],
+        key: str | None,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[str, bool]:
-        """Insert a job and its items; with an idempotency ``key`` already used, return ``(existing id, False)``
-        (also when another replica inserts the same key at the same moment).
+        """Insert ``tenant``'s job and its items; with an idempotency ``key`` (per tenant) already used, return
+        ``(existing id, False)`` (also when another replica inserts the same key at the same moment).
 
         Raises ValueError("idempotency_mismatch") if the key was used for a different request.
         """
         now = time.time()
-        if key is not None and (found := self._job_for_key(key, request_hash)) is not None:
+        key = None if key is None else scoped_key(tenant, key)
+        if key is not None and (found := self._for_key(jobs, key, request_hash)) is not None:
             return found, False
         try:
             with self.tx() as c:
                 c.execute(
                     jobs.insert().values(
                         id=job_id, created=now, updated=now, status="queued", request=json.dumps(request),
-                        request_hash=request_hash, idempotency_key=key, total=len(items),
+                        request_hash=request_hash, idempotency_key=key, total=len(items), tenant=tenant,
                     )
                 )  # fmt: skip
                 if items:
@@ -378,41 +510,65 @@ class Storage:
                         ],
                     )  # fmt: skip
         except sa.exc.IntegrityError:
-            if key is None or (found := self._job_for_key(key, request_hash)) is None:
+            if key is None or (found := self._for_key(jobs, key, request_hash)) is None:
                 raise
             return found, False
         return job_id, True
 
-    def _job_for_key(self, key: str, request_hash: str) -> str | None:
+    def _for_key(self, table: sa.Table, key: str, request_hash: str) -> str | None:
+        """The id of ``table``'s row made with the (tenant-scoped) idempotency ``key``, if any; ValueError
+        ("idempotency_mismatch") when it was made from another request."""
         with self.read() as c:
-            row = c.execute(sa.select(jobs.c.id, jobs.c.request_hash).where(jobs.c.idempotency_key == key)).first()
+            q = sa.select(table.c.id, table.c.request_hash).where(table.c.idempotency_key == key)
+            row = c.execute(q).first()
         if row is None:
             return None
         if row.request_hash != request_hash:
             raise ValueError("idempotency_mismatch")
         return row.id
 
-    def get_job(self, job_id: str) -> dict | None:
+    @staticmethod
+    def _with_counts(c: Connection, rows: list) -> list[dict]:
+        """Job rows as dicts with their item counts (done, failed) and mean seconds per finished item."""
+        ids = [r.id for r in rows]
+        by: dict[str, dict[str, tuple[int, float]]] = {i: {} for i in ids}
+        if ids:
+            q = (
+                sa.select(job_items.c.job_id, job_items.c.status, sa.func.count().label("n"),
+                          sa.func.sum(job_items.c.seconds).label("s"))
+                .where(job_items.c.job_id.in_(ids))
+                .group_by(job_items.c.job_id, job_items.c.status)
+            )  # fmt: skip
+            for r in c.execute(q):
+                by[r.job_id][r.status] = (r.n, r.s or 0.0)
+        out = []
+        for row in rows:
+            job, counts = dict(row._mapping), by[row.id]
+            job["request"] = json.loads(job["request"])
+            job["done"] = counts.get("done", (0, 0))[0]
+            job["failed"] = counts.get("failed", (0, 0))[0]
+            secs = counts.get("done", (0, 0.0))[1] + counts.get("failed", (0, 0.0))[1]
+            finished = job["done"] + job["failed"]
+            job["seconds_per_item"] = secs / finished if finished else None
+            out.append(job)
+        return out
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> dict | None:
         if not valid_id(job_id, "job"):
             return None
         with self.read() as c:
-            row = c.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-            if row is None:
-                return None
-            counts = c.execute(
-                sa.select(job_items.c.status, sa.func.count().label("n"), sa.func.sum(job_items.c.seconds).label("s"))
-                .where(job_items.c.job_id == job_id)
-                .group_by(job_items.c.status)
-            ).all()
-        job = dict(row._mapping)
-        job["request"] = json.loads(job["request"])
-        by = {r.status: (r.n, r.s or 0.0) for r in counts}
-        job["done"] = by.get("done", (0, 0))[0]
-        job["failed"] = by.get("failed", (0, 0))[0]
-        secs = by.get("done", (0, 0.0))[1] + by.get("failed", (0, 0.0))[1]
-        finished = job["done"] + job["failed"]
-        job["seconds_per_item"] = secs / finished if finished else None
-        return job
+            row = c.execute(sa.select(jobs).where((jobs.c.id == job_id) & _owned(jobs, tenant))).first()
+            return None if row is None else self._with_counts(c, [row])[0]
+
+    def list_jobs(
+        self, limit: int = 20, cursor: str | None = None, tenant: str | None = None
+    ) -> tuple[list[dict], str | None]:
+        """``tenant``'s jobs (None: everyone's) oldest first (creation time, then id), as :meth:`get_job`;
+        ``(page, next cursor or None)``; ValueError("invalid cursor")."""
+        q = _page(sa.select(jobs).where(_owned(jobs, tenant)), jobs, limit, cursor, "job")
+        with self.read() as c:
+            rows = c.execute(q).all()
+            return self._with_counts(c, rows[:limit]), _next(rows, limit, "job")
 
     def set_job_status(self, job_id: str, status: str, error: str | None = None, *, only_from: tuple = ()) -> bool:
         """Set a job's status (only if its current status is in ``only_from``, when given). Any status but
@@ -517,22 +673,32 @@ class Storage:
             rels.append(rel)
         now = time.time()
         with self.tx() as c:
-            if rels:
-                ins = self._insert(results_t).values(
-                    [{"job_id": job_id, "idx": idx, "k": k, "seed": seeds[k], "file": rel, "created": now}
-                     for k, rel in enumerate(rels)]
-                )  # fmt: skip
+            ident = sa.select(job_items.c.identity_id).where((job_items.c.job_id == job_id) & (job_items.c.idx == idx))
+            if c.execute(sa.select(identities.c.id).where(identities.c.id.in_(ident))).first() is None:
+                for rel in rels:  # the identity was deleted while its images were made: keep none of them
+                    (self.root / rel).unlink(missing_ok=True)
                 c.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=["job_id", "idx", "k"],
-                        set_={"seed": ins.excluded.seed, "file": ins.excluded.file, "created": ins.excluded.created},
-                    )
+                    job_items.update().where((job_items.c.job_id == job_id) & (job_items.c.idx == idx))
+                    .values(status="failed", error="identity not found", seconds=seconds)
+                )  # fmt: skip
+            else:
+                if rels:
+                    ins = self._insert(results_t).values(
+                        [{"job_id": job_id, "idx": idx, "k": k, "seed": seeds[k], "file": rel, "created": now}
+                         for k, rel in enumerate(rels)]
+                    )  # fmt: skip
+                    c.execute(
+                        ins.on_conflict_do_update(
+                            index_elements=["job_id", "idx", "k"],
+                            set_={"seed": ins.excluded.seed, "file": ins.excluded.file,
+                                  "created": ins.excluded.created},
+                        )
+                    )  # fmt: skip
+                c.execute(
+                    job_items.update()
+                    .where((job_items.c.job_id == job_id) & (job_items.c.idx == idx))
+                    .values(status="done", seconds=seconds, error=None)
                 )
-            c.execute(
-                job_items.update()
-                .where((job_items.c.job_id == job_id) & (job_items.c.idx == idx))
-                .values(status="done", seconds=seconds, error=None)
-            )
             mine = (jobs.c.id == job_id) & (jobs.c.lease_owner == self.owner) & (jobs.c.status == "running")
             held = c.execute(jobs.update().where(mine).values(updated=now, lease_expires=now + self.lease_s)).rowcount
         return held > 0
@@ -545,22 +711,41 @@ class Storage:
                 .values(status="failed", error=error, seconds=seconds)
             )
 
-    def job_results(self, job_id: str) -> list[dict]:
+    def job_results(
+        self, job_id: str, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[dict], str | None]:
+        """A job's items in order, ``limit`` items at a time (None: all), each row one image (an item without
+        images: one row with ``k`` None): ``(rows, cursor of the next page or None)``; ValueError("invalid
+        cursor")."""
         i, r = job_items, results_t
-        q = (
-            sa.select(i.c.idx, i.c.identity_id, i.c.prompt, i.c.status, i.c.error, r.c.k, r.c.seed, r.c.file)
-            .select_from(i.outerjoin(r, (r.c.job_id == i.c.job_id) & (r.c.idx == i.c.idx)))
-            .where(i.c.job_id == job_id)
-            .order_by(i.c.idx, r.c.k)
-        )
+        items = sa.select(i.c.idx).where(i.c.job_id == job_id).order_by(i.c.idx)
+        if cursor is not None:
+            (after,) = _uncursor(f"res:{job_id}", cursor, (int,))
+            items = items.where(i.c.idx > after)
         with self.read() as c:
-            return [dict(row._mapping) for row in c.execute(q)]
+            idxs = c.execute(items.limit(None if limit is None else limit + 1)).scalars().all()
+            more = limit is not None and len(idxs) > limit
+            idxs = idxs[:limit] if limit is not None else idxs
+            if not idxs:
+                return [], None
+            q = (
+                sa.select(i.c.idx, i.c.identity_id, i.c.prompt, i.c.status, i.c.error, r.c.k, r.c.seed, r.c.file)
+                .select_from(i.outerjoin(r, (r.c.job_id == i.c.job_id) & (r.c.idx == i.c.idx)))
+                .where((i.c.job_id == job_id) & (i.c.idx >= idxs[0]) & (i.c.idx <= idxs[-1]))
+                .order_by(i.c.idx, r.c.k)
+            )
+            rows = [dict(row._mapping) for row in c.execute(q)]
+        return rows, _cursor(f"res:{job_id}", idxs[-1]) if more else None
 
-    def result_file(self, job_id: str, idx: int, k: int) -> Path | None:
+    def result_file(self, job_id: str, idx: int, k: int, tenant: str | None = None) -> Path | None:
         if not valid_id(job_id, "job"):
             return None
+        owned = sa.select(jobs.c.id).where((jobs.c.id == job_id) & _owned(jobs, tenant))
         q = sa.select(results_t.c.file).where(
-            (results_t.c.job_id == job_id) & (results_t.c.idx == idx) & (results_t.c.k == k)
+            (results_t.c.job_id == job_id)
+            & (results_t.c.idx == idx)
+            & (results_t.c.k == k)
+            & results_t.c.job_id.in_(owned)
         )
         with self.read() as c:
             rel = c.execute(q).scalar_one_or_none()

@@ -11,7 +11,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..deps import EngineDep, StateDep, submit, wait_for
+from ..deps import EngineDep, StateDep, TenantDep, submit, wait_for
 from ..engine import Engine, GenParams
 from ..errors import ApiError
 from ..schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, GenerationSettings
@@ -85,7 +85,9 @@ def _wants_png(request: Request) -> bool:
         200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with Accept: image/png"},
     },
 )
-async def generate(req: GenerateRequest, request: Request, state: StateDep, engine: EngineDep) -> GenerateResponse:
+async def generate(
+    req: GenerateRequest, request: Request, state: StateDep, engine: EngineDep, tenant: TenantDep
+) -> GenerateResponse:
     """Generate images of an identity (or of the base model without ``identity_id``). The seed is returned."""
     s = state.settings
     params = resolve_params(req, s, engine)
@@ -95,8 +97,10 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep, engi
     png = _wants_png(request)
     if png and req.num_images != 1:
         raise ApiError(406, "not_acceptable", "Accept: image/png returns one image; ask for JSON for num_images > 1")
-    if req.identity_id is not None and not state.storage.identity_exists(req.identity_id):
-        raise ApiError(404, "not_found", f"identity {req.identity_id[:64]!r} not found")
+    if req.identity_id is not None:
+        if not state.storage.identity_exists(req.identity_id, tenant.scope):  # another tenant's: not found either
+            raise ApiError(404, "not_found", f"identity {req.identity_id[:64]!r} not found")
+        await anyio.to_thread.run_sync(state.storage.touch_identity, req.identity_id)
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
     t0 = time.perf_counter()

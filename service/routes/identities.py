@@ -1,7 +1,9 @@
-"""``/v1/identities``: photos → face embeddings → predicted adapter (stored); read, delete, download the adapter."""
+"""``/v1/identities``: photos → face embeddings → predicted adapter (stored); list, read, delete, download the
+adapter. Every identity belongs to the tenant that made it; another tenant's ids answer 404 like missing ones."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import shutil
@@ -12,13 +14,24 @@ from typing import Annotated, Literal
 import anyio
 import numpy as np
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from weights.atomic import atomic_write_bytes
 
-from ..deps import EngineDep, StateDep, submit, wait_for
+from ..deps import (
+    EngineDep,
+    IdempotencyKey,
+    PageCursor,
+    PageLimit,
+    StateDep,
+    TenantDep,
+    bad_cursor,
+    idempotency_mismatch,
+    submit,
+    wait_for,
+)
 from ..errors import ApiError
-from ..schemas import ErrorResponse, IdentityPublic, PhotoPublic
+from ..schemas import ErrorResponse, IdentityList, IdentityPublic, PhotoPublic
 from ..state import ServiceState
 from ..storage import IdentityRecord, new_id
 
@@ -102,10 +115,27 @@ def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str
     return rows
 
 
+def upload_hash(name: str, datas: list[bytes]) -> str:
+    """SHA-256 of an upload (name and every photo's bytes, length-prefixed): what an Idempotency-Key replay must
+    match."""
+    h = hashlib.sha256(b"difflora-identity\0")
+    for part in (name.encode(), *datas):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
+
+
 def _store(
-    state: ServiceState, rec: IdentityRecord, adapter, chips: dict, photos: dict[int, bytes], t0: float
-) -> None:
-    """Stage the identity's files, then add it (row + folder) in one step; ``t0``: when the request began."""
+    state: ServiceState,
+    rec: IdentityRecord,
+    adapter,
+    chips: dict,
+    photos: dict[int, bytes],
+    t0: float,
+    key: str | None = None,
+    digest: str | None = None,
+) -> tuple[str, bool]:
+    """Stage the identity's files, then add it (row + folder) in one step; ``t0``: when the request began. With an
+    Idempotency-``key``: ``(id, created)`` as ``Storage.add_identity``."""
     from PIL import Image
 
     from weights.formats.native import save_native
@@ -121,22 +151,50 @@ def _store(
             atomic_write_bytes(staged / f"photo-{i}.jpg", photos[i])
         now = time.perf_counter()  # timings go into the stored record, so GET returns them too
         rec.info["seconds"].update(store=round(now - t_store, 4), total=round(now - t0, 4))
-        state.storage.add_identity(rec, staged)
+        return state.storage.add_identity(rec, staged, key, digest)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+@router.get("", response_model=IdentityList, responses=ERRORS)
+async def list_identities(
+    state: StateDep, tenant: TenantDep, limit: PageLimit = 20, cursor: PageCursor = None
+) -> IdentityList:
+    """The caller's identities (an admin key: everyone's), oldest first, ``limit`` per page; follow
+    ``next_cursor``."""
+    try:
+        page, nxt = await anyio.to_thread.run_sync(state.storage.list_identities, limit, cursor, tenant.scope)
+    except ValueError:
+        raise bad_cursor() from None
+    return IdentityList(items=[_public(r) for r in page], next_cursor=nxt)
+
+
+def _replay(state: ServiceState, identity_id: str) -> JSONResponse:
+    """The identity an earlier request with the same Idempotency-Key made (200, not 201: nothing new)."""
+    rec = state.storage.get_identity(identity_id)
+    if rec is None:  # made, then deleted: the key is spent with it
+        raise ApiError(404, "not_found", f"identity {identity_id!r} made with this Idempotency-Key was deleted")
+    headers = {"Location": f"/v1/identities/{identity_id}"}
+    return JSONResponse(_public(rec).model_dump(mode="json"), status_code=200, headers=headers)
+
+
 @router.post(
-    "", status_code=201, response_model=IdentityPublic, responses=ERRORS,
+    "", status_code=201, response_model=IdentityPublic,
+    responses={**ERRORS, 200: {"model": IdentityPublic, "description": "existing identity for this Idempotency-Key"},
+               409: ERRORS[404]},
     summary="Create an identity from 1-10 face photos (multipart field `photos`)",
 )  # fmt: skip
 async def create_identity(
     state: StateDep,
     engine: EngineDep,
+    tenant: TenantDep,
     photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
     name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
-) -> IdentityPublic:
-    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
+    idempotency_key: IdempotencyKey = None,
+):
+    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it. A replay
+    with the same ``Idempotency-Key`` and the same photos and name returns the identity it made (200); with another
+    request, 409."""
     s = state.settings
     if len(photos) > s.max_photos:
         msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
@@ -151,6 +209,14 @@ async def create_identity(
         t0 = time.perf_counter()
         datas = [await f.read() for f in photos]
         filenames = [_clean_name(f.filename) for f in photos]
+        digest = upload_hash(name, datas) if idempotency_key is not None else None
+        if digest is not None:
+            try:
+                found = state.storage.identity_for_key(tenant.name, idempotency_key, digest)
+            except ValueError:
+                raise idempotency_mismatch() from None
+            if found is not None:
+                return _replay(state, found)
         ident, chips, clean = await anyio.to_thread.run_sync(
             _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], limiter=state.face_limiter
         )
@@ -184,8 +250,15 @@ async def create_identity(
         "predictor_trained": state.predictor_trained,
         "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
     }  # fmt: skip
-    rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
-    await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, clean, t0)
+    rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs), tenant=tenant.name)
+    try:
+        stored, created = await anyio.to_thread.run_sync(
+            _store, state, rec, adapter, chips, clean, t0, idempotency_key, digest
+        )
+    except ValueError:  # the same key, another request, stored by a concurrent request meanwhile
+        raise idempotency_mismatch() from None
+    if not created:
+        return _replay(state, stored)
     engine.cache_put(identity_id, adapter.to(engine.device))
     return _public(rec)
 
@@ -195,33 +268,35 @@ def _public(rec: IdentityRecord) -> IdentityPublic:
     photos = [PhotoPublic(**p) for p in info["photos"]]
     used = sum(p.accepted for p in photos)
     return IdentityPublic(
-        id=rec.id, name=rec.name, created=rec.created, photos=photos, photos_used=used,
+        id=rec.id, name=rec.name, tenant=rec.tenant, created=rec.created, last_used=rec.last_used, photos=photos,
+        photos_used=used,
         photos_rejected=len(photos) - used, consistency=info["consistency"], consistent=info["consistent"],
         warnings=info["warnings"], face_backend=info["face_backend"], adapter=info["adapter"],
         predictor_trained=info["predictor_trained"], seconds=info.get("seconds", {}),
     )  # fmt: skip
 
 
-def _get(state: ServiceState, identity_id: str) -> IdentityRecord:
-    rec = state.storage.get_identity(identity_id)
+def _get(state: ServiceState, identity_id: str, tenant) -> IdentityRecord:
+    """The identity, if ``tenant`` may see it; else 404, the same as for an id that does not exist."""
+    rec = state.storage.get_identity(identity_id, tenant.scope)
     if rec is None:
         raise ApiError(404, "not_found", f"identity {identity_id[:64]!r} not found")
     return rec
 
 
 @router.get("/{identity_id}", response_model=IdentityPublic, responses=ERRORS)
-async def get_identity(identity_id: str, state: StateDep) -> IdentityPublic:
+async def get_identity(identity_id: str, state: StateDep, tenant: TenantDep) -> IdentityPublic:
     """An identity: its photos (used / rejected and why), consistency and adapter summary."""
-    return _public(_get(state, identity_id))
+    return _public(_get(state, identity_id, tenant))
 
 
 @router.delete("/{identity_id}", status_code=204, responses=ERRORS)
-async def delete_identity(identity_id: str, state: StateDep) -> Response:
-    """Delete an identity, its photos and its adapter."""
-    if not await anyio.to_thread.run_sync(state.storage.delete_identity, identity_id):
+async def delete_identity(identity_id: str, state: StateDep, tenant: TenantDep) -> Response:
+    """Delete an identity and everything of it: its row (face embeddings), photos, face crops, adapter file, the
+    in-memory adapter, and the images its batch-job items made."""
+    if not await anyio.to_thread.run_sync(state.storage.delete_identity, identity_id, tenant.scope):
         raise ApiError(404, "not_found", f"identity {identity_id[:64]!r} not found")
-    if state.engine is not None:
-        state.engine.forget(identity_id)
+    state.forget_identity(identity_id)
     return Response(status_code=204)
 
 
@@ -229,9 +304,11 @@ async def delete_identity(identity_id: str, state: StateDep) -> Response:
     "/{identity_id}/faces/{index}.png", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
     response_class=FileResponse,
 )  # fmt: skip
-async def get_face(identity_id: str, index: Annotated[int, Path(ge=0, le=1000)], state: StateDep) -> FileResponse:
+async def get_face(
+    identity_id: str, index: Annotated[int, Path(ge=0, le=1000)], state: StateDep, tenant: TenantDep
+) -> FileResponse:
     """The aligned face crop of an accepted photo."""
-    _get(state, identity_id)
+    _get(state, identity_id, tenant)
     path = state.storage.identity_dir(identity_id) / f"face-{index}.png"
     if index < 0 or not path.is_file():
         raise ApiError(404, "not_found", f"no face crop {index} for this identity")
@@ -277,11 +354,12 @@ def _export(state: ServiceState, identity_id: str, fmt: str) -> tuple[bytes, str
 async def download_adapter(
     identity_id: str,
     state: StateDep,
+    tenant: TenantDep,
     format: Annotated[Literal["diffusers", "kohya", "peft", "native"], Query(description="file format")] = "diffusers",
 ) -> Response:
     """The predicted adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (A1111/ComfyUI), peft (a zip
     with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method)."""
-    _get(state, identity_id)
+    _get(state, identity_id, tenant)
     data, media, ext = await anyio.to_thread.run_sync(_export, state, identity_id, format)
     fname = f"{identity_id}-{format}.{ext}"
     return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{fname}"'})

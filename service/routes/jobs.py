@@ -9,14 +9,22 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Path
+from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from ..deps import StateDep
+from ..deps import (
+    IdempotencyKey,
+    PageCursor,
+    PageLimit,
+    StateDep,
+    TenantDep,
+    bad_cursor,
+    idempotency_mismatch,
+)
 from ..errors import ApiError, error_body
 from ..jobs import job_items, request_hash
 from ..routes.generations import resolve_params
-from ..schemas import JobPublic, JobRequest, JobResultPublic, JobResultsPublic
+from ..schemas import JobList, JobPublic, JobRequest, JobResultPublic, JobResultsPublic
 from ..storage import new_id
 from .identities import ERRORS
 
@@ -30,14 +38,16 @@ def _public(job: dict) -> JobPublic:
     if job["status"] in ACTIVE and job["seconds_per_item"] is not None:
         eta = round(job["seconds_per_item"] * (total - finished), 2)
     return JobPublic(
-        id=job["id"], status=job["status"], created=job["created"], started=job["started"], finished=job["finished"],
+        id=job["id"], status=job["status"], tenant=job["tenant"],
+        created=job["created"], started=job["started"], finished=job["finished"],
         total=total, done=job["done"], failed=job["failed"], progress=finished / total if total else 1.0,
         eta_seconds=eta, error=job["error"], results_url=f"/v1/jobs/{job['id']}/results",
     )  # fmt: skip
 
 
-async def _job(state, job_id: str) -> dict:
-    job = await anyio.to_thread.run_sync(state.storage.get_job, job_id)
+async def _job(state, job_id: str, tenant) -> dict:
+    """The job, if ``tenant`` may see it; else 404, the same as for an id that does not exist."""
+    job = await anyio.to_thread.run_sync(state.storage.get_job, job_id, tenant.scope)
     if job is None:
         raise ApiError(404, "not_found", f"job {job_id[:64]!r} not found")
     return job
@@ -48,13 +58,7 @@ async def _job(state, job_id: str) -> dict:
     responses={**ERRORS, 200: {"model": JobPublic, "description": "existing job for this Idempotency-Key"},
                409: ERRORS[404]},
 )  # fmt: skip
-async def create_job(
-    req: JobRequest,
-    state: StateDep,
-    idempotency_key: Annotated[
-        str | None, Header(min_length=1, max_length=200, pattern=r"\S", description="same key → same job")
-    ] = None,
-):
+async def create_job(req: JobRequest, state: StateDep, tenant: TenantDep, idempotency_key: IdempotencyKey = None):
     """Queue a batch job: every identity × every prompt. Replays with the same ``Idempotency-Key`` return it."""
     s = state.settings
     resolve_params(req.settings, s, state.engine)  # limits, now rather than at run time
@@ -62,45 +66,53 @@ async def create_job(
     if len(items) * req.num_images > s.max_job_items:
         msg = f"a job makes at most {s.max_job_items} images, this one {len(items) * req.num_images}"
         raise ApiError(422, "limit_exceeded", msg, details=[{"field": "body", "message": msg}])
-    missing = [i for i in dict.fromkeys(req.identity_ids) if not state.storage.identity_exists(i)]
+    missing = [i for i in dict.fromkeys(req.identity_ids) if not state.storage.identity_exists(i, tenant.scope)]
     if missing:
         raise ApiError(404, "not_found", f"identity {missing[0][:64]!r} not found ({len(missing)} missing)")
     try:
         job_id, created = await anyio.to_thread.run_sync(
             state.storage.create_job, new_id("job"), req.model_dump(mode="json"), request_hash(req), items,
-            idempotency_key,
+            idempotency_key, tenant.name,
         )  # fmt: skip
     except ValueError:
-        raise ApiError(
-            409, "idempotency_mismatch", "this Idempotency-Key was already used for a different request"
-        ) from None
+        raise idempotency_mismatch() from None
     if state.jobs is not None:
         state.jobs.notify()
-    body = _public(await _job(state, job_id)).model_dump(mode="json")
+    body = _public(await _job(state, job_id, tenant)).model_dump(mode="json")
     return JSONResponse(body, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
+@router.get("", response_model=JobList, responses=ERRORS)
+async def list_jobs(state: StateDep, tenant: TenantDep, limit: PageLimit = 20, cursor: PageCursor = None) -> JobList:
+    """The caller's jobs (an admin key: everyone's), oldest first, ``limit`` per page; follow ``next_cursor``."""
+    try:
+        page, nxt = await anyio.to_thread.run_sync(state.storage.list_jobs, limit, cursor, tenant.scope)
+    except ValueError:
+        raise bad_cursor() from None
+    return JobList(items=[_public(j) for j in page], next_cursor=nxt)
+
+
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def get_job(job_id: str, state: StateDep) -> JobPublic:
+async def get_job(job_id: str, state: StateDep, tenant: TenantDep) -> JobPublic:
     """Status, progress (done/total) and ETA."""
-    return _public(await _job(state, job_id))
+    return _public(await _job(state, job_id, tenant))
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def cancel_job(job_id: str, state: StateDep) -> JobPublic:
+async def cancel_job(job_id: str, state: StateDep, tenant: TenantDep) -> JobPublic:
     """Cancel a queued or running job (the item in flight finishes; finished jobs are left as they are)."""
-    await _job(state, job_id)
+    await _job(state, job_id, tenant)
     await anyio.to_thread.run_sync(
         lambda: state.storage.set_job_status(job_id, "canceled", only_from=("queued", "running"))
     )
-    return _public(await _job(state, job_id))
+    return _public(await _job(state, job_id, tenant))
 
 
 def _sse(event: str, data: dict, event_id: int) -> str:
     return f"event: {event}\nid: {event_id}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _job_events(state, first: dict) -> AsyncIterator[str]:
+async def _job_events(state, first: dict, tenant) -> AsyncIterator[str]:
     """The job as SSE: ``progress`` whenever status / done / failed change, ``end`` once it is final; keep-alive
     comments in between; ``gone`` (an error body) if the job disappears. Reads the job only through ``_job`` (the
     storage's public ``get_job``)."""
@@ -124,7 +136,7 @@ async def _job_events(state, first: dict) -> AsyncIterator[str]:
                 sent = time.monotonic()
             await asyncio.sleep(s.job_events_poll_s)
             try:
-                job = await _job(state, first["id"])
+                job = await _job(state, first["id"], tenant)
             except ApiError as e:  # the job is gone
                 yield _sse("gone", error_body(e.code, e.detail), n + 1)
                 return
@@ -137,26 +149,32 @@ async def _job_events(state, first: dict) -> AsyncIterator[str]:
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
                                "description": "`progress` events (a JobPublic each), then one `end` event"}},
 )  # fmt: skip
-async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
+async def job_events(job_id: str, state: StateDep, tenant: TenantDep) -> StreamingResponse:
     """Job progress as Server-Sent Events: one ``progress`` event (data: the job as in ``GET /v1/jobs/{id}``) per
     change of status / done / failed, a final ``end`` event when the job is no longer queued or running, and
     ``: keep-alive`` comments while nothing changes. The stream ends after ``end`` or when the client leaves; about
     ``max_event_streams`` streams at once (429 beyond)."""
-    first = await _job(state, job_id)
+    first = await _job(state, job_id, tenant)
     if state.event_streams >= state.settings.max_event_streams:
         raise ApiError(
             429, "too_many_streams", f"at most {state.settings.max_event_streams} event streams at once; poll "
             f"GET /v1/jobs/{{id}} instead or retry later", headers={"Retry-After": "5"},
         )  # fmt: skip
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(_job_events(state, first), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(_job_events(state, first, tenant), media_type="text/event-stream", headers=headers)
 
 
 @router.get("/{job_id}/results", response_model=JobResultsPublic, responses=ERRORS)
-async def job_results(job_id: str, state: StateDep) -> JobResultsPublic:
-    """Every item with its image URLs (finished items only have images)."""
-    job = await _job(state, job_id)
-    rows = await anyio.to_thread.run_sync(state.storage.job_results, job_id)
+async def job_results(
+    job_id: str, state: StateDep, tenant: TenantDep, limit: PageLimit = 20, cursor: PageCursor = None
+) -> JobResultsPublic:
+    """The job's items in order, ``limit`` per page (follow ``next_cursor``), with their image URLs (finished
+    items only have images)."""
+    job = await _job(state, job_id, tenant)
+    try:
+        rows, nxt = await anyio.to_thread.run_sync(state.storage.job_results, job_id, limit, cursor)
+    except ValueError:
+        raise bad_cursor() from None
     items: dict[int, JobResultPublic] = {}
     for r in rows:
         it = items.get(r["idx"])
@@ -169,7 +187,7 @@ async def job_results(job_id: str, state: StateDep) -> JobResultsPublic:
             it.images.append(
                 {"k": r["k"], "seed": r["seed"], "url": f"/v1/jobs/{job_id}/results/{r['idx']}/{r['k']}.png"}
             )
-    return JobResultsPublic(id=job_id, status=job["status"], results=list(items.values()))
+    return JobResultsPublic(id=job_id, status=job["status"], results=list(items.values()), next_cursor=nxt)
 
 
 @router.get(
@@ -177,10 +195,14 @@ async def job_results(job_id: str, state: StateDep) -> JobResultsPublic:
     response_class=FileResponse,
 )  # fmt: skip
 async def job_result_image(
-    job_id: str, index: Annotated[int, Path(ge=0, le=10**6)], k: Annotated[int, Path(ge=0, le=1000)], state: StateDep
+    job_id: str,
+    index: Annotated[int, Path(ge=0, le=10**6)],
+    k: Annotated[int, Path(ge=0, le=1000)],
+    state: StateDep,
+    tenant: TenantDep,
 ) -> FileResponse:
     """One result image."""
-    path = await anyio.to_thread.run_sync(state.storage.result_file, job_id, index, k)
+    path = await anyio.to_thread.run_sync(state.storage.result_file, job_id, index, k, tenant.scope)
     if path is None or not path.is_file():
         raise ApiError(404, "not_found", "no such result")
     return FileResponse(path, media_type="image/png")

@@ -131,9 +131,12 @@ $("run-job").addEventListener("click", async () => {
     });
     $("job-progress").value = job.progress;
     info.textContent = `${job.status}: ${job.done}/${job.total}`;
-    const res = await api(job.results_url);
-    for (const it of res.results) {
-      for (const im of it.images) $("job-results").append(figure(await imageUrl(im.url), `${it.prompt} (seed ${im.seed})`));
+    for (let url = `${job.results_url}?limit=100`; url;) {  // results come in pages: follow next_cursor
+      const res = await api(url);
+      for (const it of res.results) {
+        for (const im of it.images) $("job-results").append(figure(await imageUrl(im.url), `${it.prompt} (seed ${im.seed})`));
+      }
+      url = res.next_cursor ? `${job.results_url}?limit=100&cursor=${encodeURIComponent(res.next_cursor)}` : null;
     }
   } catch (e) { showError(info, e); }
 });

@@ -33,6 +33,8 @@ def test_fuzz_every_operation(rel_app):
     known = seed_resources(session, "http://testserver", OBAMA[:2])
     report = fuzz_all(schema, session, "http://testserver", EXAMPLES, known=known)
     assert len(report["operations"]) >= 10
+    new = {"GET /v1/identities", "GET /v1/jobs", "GET /v1/jobs/{job_id}/results", "POST /v1/identities"}
+    assert new <= set(report["operations"]), sorted(report["operations"])  # lists, pages, Idempotency-Key
     assert report["cases"] >= 5 * len(report["operations"])
     bad = {k: v["failures"] for k, v in report["operations"].items() if v["failures"]}
     assert report["server_errors"] == 0 and report["violations"] == 0 and not bad, bad

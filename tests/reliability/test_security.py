@@ -10,7 +10,7 @@ import re
 import pytest
 from starlette.routing import Mount, Route
 
-from service import middleware
+from service import middleware, tenants
 from service.routes.web import STATIC_DIR
 from tests.reliability.conftest import AUTH, KEY
 from tests.reliability.corpus import face_jpeg
@@ -109,21 +109,23 @@ def test_every_route_but_health_and_page_needs_the_key(rel_app, ids):
 
 
 def test_key_comparison_is_constant_time(rel_app, monkeypatch):
+    """The key is hashed and its digest compared with every stored digest by hmac.compare_digest (one key
+    configured here: one comparison per request), never with ``==``."""
     client = rel_app[0]
     calls = []
-    real = middleware.hmac.compare_digest
+    real = tenants.hmac.compare_digest
 
     def spy(a, b):
-        calls.append((type(a), type(b)))
+        calls.append((type(a), len(a), type(b), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    monkeypatch.setattr(tenants.hmac, "compare_digest", spy)
     assert client.get("/metrics", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/metrics", headers=AUTH).status_code == 200
     assert client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert calls == [(bytes, bytes)] * 3
-    src = inspect.getsource(middleware.GuardMiddleware)
-    assert "compare_digest" in src and not re.search(r"(==|!=)\s*self\.api_key|self\.api_key\s*(==|!=)", src)
+    assert calls == [(bytes, 32, bytes, 32)] * 3  # SHA-256 digests, whatever the length of what was sent
+    src = inspect.getsource(tenants.KeyRing.authenticate) + inspect.getsource(middleware.GuardMiddleware)
+    assert "compare_digest" in src and not re.search(r"(==|!=)\s*(stored|digest)\b|\b(stored|digest)\s*(==|!=)", src)
 
 
 @pytest.mark.parametrize("method", ["GET", "OPTIONS"])

@@ -70,7 +70,7 @@ def test_a_live_replicas_job_is_left_alone_then_taken_over_when_its_lease_expire
         final = other.get_job(jid)
         assert final["attempts"] == 2 and final["lease_owner"] is None
         assert other.heartbeat() == set() and other.finish_job(jid, "failed") is False  # no longer its job
-        rows = other.job_results(jid)
+        rows, _ = other.job_results(jid)
         assert [(r["idx"], r["k"]) for r in rows] == [(0, 0), (1, 0), (2, 0)]  # every result exactly once
         assert (data / rows[0]["file"]).read_bytes() == b"\x89PNG other"  # item 0 was not redone
         for r in rows[1:]:

@@ -54,14 +54,25 @@ def replicas(tmp_path, database_url):
         s.close()
 
 
+def _identity(s: Storage, ident: str = IDT, tenant: str = "default", created: float = 1.0) -> str:
+    from service.storage import IdentityRecord
+
+    if not s.identity_exists(ident):
+        staged = s.staging_dir()
+        (staged / "adapter.safetensors").write_bytes(b"adapter of " + ident.encode())
+        s.add_identity(IdentityRecord(ident, created, "n", {}, b"\7" * 8, 1, tenant=tenant), staged)
+    return ident
+
+
 def _job(s: Storage, n: int = 3, key: str | None = None) -> str:
+    _identity(s)  # results are kept only for identities that exist
     jid, created = s.create_job(new_id("job"), {"n": n}, f"hash{n}", [(IDT, f"p{i}", i) for i in range(n)], key)
     assert created
     return jid
 
 
 def _result_rows(s: Storage, jid: str) -> list[tuple[int, int]]:
-    return [(r["idx"], r["k"]) for r in s.job_results(jid) if r["k"] is not None]
+    return [(r["idx"], r["k"]) for r in s.job_results(jid)[0] if r["k"] is not None]
 
 
 def test_schema_is_at_head_and_upgrade_is_idempotent(replicas):
@@ -212,7 +223,7 @@ def test_paths_in_the_database_are_relative(replicas):
     jid = _job(s, 1)
     s.claim_job()
     s.complete_item(jid, 0, [b"png"], [0], 0.1)
-    (row,) = s.job_results(jid)
+    (row,), _ = s.job_results(jid)
     assert row["file"] == f"results/{jid}/00000-0.png"
     for bad in ("/etc/passwd", "../outside.png", "results/../../x", ""):
         assert s.resolve(bad) is None, bad
@@ -281,7 +292,7 @@ def test_a_data_directory_made_before_migrations_keeps_working(tmp_path):
         assert revision(s.engine) == head()
         assert s.get_identity(IDT).name == "old" and s.get_identity(IDT).embeddings == b"\1" * 8
         assert s.get_job(done)["status"] == "succeeded" and s.get_job(done)["done"] == 2
-        assert [r["file"] for r in s.job_results(done)] == [f"results/{done}/0000{i}-0.png" for i in range(2)]
+        assert [r["file"] for r in s.job_results(done)[0]] == [f"results/{done}/0000{i}-0.png" for i in range(2)]
         assert s.create_job(new_id("job"), {}, "h", [], "key-running") == (crashed, False)  # keys survive
         assert s.claim_job() == crashed  # left 'running' without a lease: resumed
         assert [it["idx"] for it in s.pending_items(crashed)] == [1]
@@ -313,4 +324,179 @@ def test_sqlite_job_of_a_killed_replica_is_taken_over_at_once(tmp_path):
         assert s.claim_job() == jid and s.get_job(jid)["attempts"] == 2
     finally:
         proc.kill()
+        s.close()
+
+
+# ---- tenants, lists, idempotent identities, deletion and retention --------------------------------------------------
+def _pages(fetch, limit: int) -> list[str]:
+    """Every id of a paginated list, following next cursors; each page at most ``limit`` long."""
+    seen, cursor = [], None
+    while True:
+        page, cursor = fetch(limit, cursor)
+        assert len(page) <= limit
+        seen += [p.id if hasattr(p, "id") else p["id"] for p in page]
+        if cursor is None:
+            return seen
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 100])
+def test_lists_are_stable_pages_per_tenant(replicas, limit):
+    """Identities and jobs page in (created, id) order, ties on created included, each tenant sees its own, None
+    (admin) sees all; a cursor of one list is no cursor of another."""
+    s = replicas()
+    made: dict[str, list[str]] = {"alice": [], "bob": []}
+    for i in range(5):
+        tenant = "alice" if i % 2 == 0 else "bob"
+        made[tenant].append(_identity(s, new_id("idt"), tenant, created=1000.0 + i // 2))  # ties on created
+    ordered = [r.id for r in sorted(s.list_identities(100)[0], key=lambda r: (r.created, r.id))]
+    for tenant, ids in (*made.items(), (None, ordered)):
+        got = _pages(lambda n, c, t=tenant: s.list_identities(n, c, t), limit)
+        assert got == [i for i in ordered if i in ids], tenant
+    jobs = {t: [s.create_job(new_id("job"), {"i": i}, f"h{i}", [], None, t)[0] for i in range(3)] for t in made}
+    assert _pages(lambda n, c: s.list_jobs(n, c, "bob"), limit) == jobs["bob"]  # oldest first
+    assert sorted(_pages(lambda n, c: s.list_jobs(n, c, None), limit)) == sorted(jobs["alice"] + jobs["bob"])
+    assert s.list_jobs(10, None, "carol") == ([], None)
+    _, cur = s.list_identities(1, None, None)
+    for bad in (cur, "not-a-cursor", "W10", "WyJqb2IiLCAxLCAyXQ"):  # an identity cursor, garbage, [], ["job", 1, 2]
+        with pytest.raises(ValueError, match="invalid cursor"):
+            s.list_jobs(2, bad, None)
+
+
+def test_job_results_page_by_item(replicas):
+    s = replicas()
+    jid = _job(s, 5)
+    assert s.claim_job() == jid
+    for idx in range(5):
+        s.complete_item(jid, idx, [b"a", b"b"] if idx % 2 else [b"a"], [idx, idx + 1], 0.1)
+    pages, cursor = [], None
+    while True:
+        rows, cursor = s.job_results(jid, 2, cursor)
+        pages.append(sorted({r["idx"] for r in rows}))
+        if cursor is None:
+            break
+    assert pages == [[0, 1], [2, 3], [4]]
+    everything = [(r["idx"], r["k"]) for r in s.job_results(jid)[0]]
+    assert everything == [(0, 0), (1, 0), (1, 1), (2, 0), (3, 0), (3, 1), (4, 0)]
+    other = _job(s, 1)
+    with pytest.raises(ValueError, match="invalid cursor"):  # a cursor of another job's results
+        s.job_results(other, 2, s.job_results(jid, 2)[1])
+
+
+def test_job_idempotency_keys_are_per_tenant(replicas):
+    s = replicas()
+    a, created = s.create_job(new_id("job"), {}, "h1", [], "k", "alice")
+    assert created and s.create_job(new_id("job"), {}, "h1", [], "k", "alice") == (a, False)
+    b, created = s.create_job(new_id("job"), {}, "h2", [], "k", "bob")  # bob's "k" is not alice's
+    assert created and b != a
+    with pytest.raises(ValueError, match="idempotency_mismatch"):
+        s.create_job(new_id("job"), {}, "h3", [], "k", "alice")
+
+
+def test_identity_idempotency_key(replicas):
+    """The same key and request: the first identity, the second upload's folder removed; another request: a
+    mismatch; another tenant: its own identity. Also when the second request races the first (two replicas)."""
+    from service.storage import IdentityRecord
+
+    a, b = replicas(), replicas()
+
+    def add(s, tenant, digest):
+        rec = IdentityRecord(new_id("idt"), time.time(), "n", {}, b"\1" * 8, 1, tenant=tenant)
+        staged = s.staging_dir()
+        (staged / "adapter.safetensors").write_bytes(b"x")
+        return rec.id, s.add_identity(rec, staged, "key-1", digest)
+
+    first, (got, created) = add(a, "alice", "d1")
+    assert got == first and created
+    assert a.identity_for_key("alice", "key-1", "d1") == first and a.identity_for_key("bob", "key-1", "d1") is None
+    second, (got, created) = add(b, "alice", "d1")  # the race: b did not see a's key before it did the work
+    assert (got, created) == (first, False) and not b.identity_dir(second).exists()
+    assert [r.id for r in a.list_identities(10)[0]] == [first]
+    with pytest.raises(ValueError, match="idempotency_mismatch"):
+        a.identity_for_key("alice", "key-1", "d2")
+    with pytest.raises(ValueError, match="idempotency_mismatch"):
+        add(b, "alice", "d2")
+    bobs, (got, created) = add(a, "bob", "d1")
+    assert got == bobs and created
+
+
+def test_delete_identity_removes_its_files_rows_and_images(replicas):
+    """Nothing of a deleted identity stays: its folder, its job items' images (files and rows), and, on SQLite,
+    no copy of its face embeddings in the database or its WAL."""
+    s = replicas()
+    marker = b"FACE-EMBEDDING-" + b"\x42" * 48
+    ident = new_id("idt")
+    staged = s.staging_dir()
+    (staged / "photo-0.jpg").write_bytes(b"photo")
+    (staged / "face-0.png").write_bytes(b"chip")
+    (staged / "adapter.safetensors").write_bytes(b"adapter")
+    from service.storage import IdentityRecord
+
+    s.add_identity(IdentityRecord(ident, time.time(), "n", {}, marker, 1, tenant="alice"), staged)
+    keep = _identity(s)
+    jid, _ = s.create_job(new_id("job"), {}, "h", [(ident, "p", 0), (keep, "p", 1)], None, "alice")
+    assert s.claim_job() == jid
+    for idx in range(2):
+        assert s.complete_item(jid, idx, [b"image of " + str(idx).encode()], [idx], 0.1)
+    assert not s.delete_identity(ident, "bob")  # another tenant's: as if missing
+    assert s.delete_identity(ident, "alice") and not s.delete_identity(ident, "alice")
+    assert not s.identity_dir(ident).exists() and s.get_identity(ident) is None
+    rows, _ = s.job_results(jid)
+    assert [(r["idx"], r["k"], r["error"]) for r in rows] == [
+        (0, None, "identity deleted: its images were removed"), (1, 0, None)
+    ]  # fmt: skip
+    assert sorted(p.name for p in (s.root / "results" / jid).iterdir()) == ["00001-0.png"]
+    if s.sqlite:
+        for f in s.root.glob("difflora.sqlite3*"):
+            assert marker not in f.read_bytes(), f.name
+    # an item finished after its identity was deleted keeps nothing either
+    gone = _identity(s, new_id("idt"))
+    jid2, _ = s.create_job(new_id("job"), {}, "h2", [(gone, "p", 0)], None)
+    assert s.claim_job() == jid2 and s.delete_identity(gone)
+    s.complete_item(jid2, 0, [b"late"], [0], 0.1)
+    assert s.job_results(jid2)[0][0]["status"] == "failed" and not list((s.root / "results" / jid2).iterdir())
+
+
+def test_expire_identities_spares_recent_and_waiting_ones(replicas):
+    s = replicas()
+    now = time.time()
+    old, used, waiting = (_identity(s, new_id("idt"), created=now - 100) for _ in range(3))
+    fresh = _identity(s, new_id("idt"), created=now)
+    s.touch_identity(used)  # used just now
+    s.create_job(new_id("job"), {}, "h", [(waiting, "p", 0)], None)  # a queued job still needs it
+    assert s.expire_identities(50) == [old]
+    assert s.identity_exists(used) and s.identity_exists(waiting) and s.identity_exists(fresh)
+    assert s.get_identity(used).last_used >= now and not s.identity_dir(old).exists()
+
+
+def test_a_database_at_revision_0002_upgrades_in_place(tmp_path, database_url):
+    """A database made by the previous release (revision 0002) with an identity and a job with a key: opening it
+    adds the tenant columns (rows: tenant 'default'), keeps the data, and the job's key still replays."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from service.db import _alembic_config, make_engine
+    from service.db import database_url as url_of
+
+    engine = make_engine(url_of(database_url, tmp_path))
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0002")
+        conn.execute(
+            sa.text("INSERT INTO identities VALUES (:id, 1.0, 'old', '{}', :emb, 1)"), {"id": IDT, "emb": b"\1\1"}
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, created, updated, status, request, request_hash, idempotency_key, total) "
+            "VALUES ('job_" + "f" * 24 + "', 2.0, 2.0, 'succeeded', '{}', 'h', 'old-key', 0)"
+        )
+    engine.dispose()
+    s = Storage(tmp_path, database_url)
+    try:
+        from service.db import revision
+
+        assert revision(s.engine) == head() == "0003"
+        rec = s.get_identity(IDT, "default")
+        assert rec.name == "old" and rec.tenant == "default" and rec.last_used is None
+        assert s.get_identity(IDT, "alice") is None
+        assert s.create_job(new_id("job"), {}, "h", [], "old-key") == ("job_" + "f" * 24, False)
+        assert [j["tenant"] for j in s.list_jobs(10)[0]] == ["default"]
+    finally:
         s.close()
