@@ -10,7 +10,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checks import dumps, finite, positive, resolve_device, seed, writable_dir, writable_file
+from .checks import (
+    MAX_REFINE_STEPS,
+    dumps,
+    finite,
+    positive,
+    refine_steps,
+    resolve_device,
+    seed,
+    writable_dir,
+    writable_file,
+)
 from .config import PRESETS, get_preset
 
 
@@ -65,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--mlp-scales", default="", help="extra rows: the MLP's deviation from the mean amplified x s, e.g. 2,4,6"
     )
+    f = sub.add_parser("finetune", help="fine-tune a basis hypernet end to end with the denoising loss on photos")
+    f.add_argument("--checkpoint", required=True, type=Path, help="a hypernet over codes (`train` on a codes dataset)")
+    f.add_argument("--faces", required=True, nargs="+", type=Path, help="identity-folder roots (eval split skipped)")
+    f.add_argument("--out", required=True, type=Path, help="output predictor + run directory")
+    f.add_argument("--dataset", type=Path, help="the codes dataset: its fitted codes anchor the small code loss")
+    f.add_argument("--limit", type=int, help="only the first N identity folders")
+    f.add_argument("--resume", action="store_true", help="continue the fine-tune state in --out")
+    f.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
+        help="any FinetuneConfig field, e.g. --set steps=300 --set code_weight=0.01 --set splits=train,val",
+    )  # fmt: skip
     u = sub.add_parser("tune", help="choose CFG scale and samples averaged on the dataset's val identities")
     u.add_argument("--dataset", required=True, type=Path, help="a `difflora data build` output directory")
     u.add_argument("--checkpoint", required=True, type=Path, help="a hypernet directory (updated in place)")
@@ -120,6 +143,22 @@ def _tune(args: argparse.Namespace) -> int:
         f"chosen: cfg {c['cfg_scale']}, samples {c['samples']}, steps {c['sample_steps']} "
         f"(written to {args.checkpoint}/config.json)"
     )
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .config import _split_override
+    from .finetune import FinetuneConfig, finetune
+
+    positive(args.limit, "--limit")
+    device = str(resolve_device(args.device))
+    writable_dir(args.out, "--out")
+    cfg = FinetuneConfig.from_dict(dict(_split_override(x) for x in args.settings), strict=True)
+    res = finetune(
+        args.checkpoint, args.faces, args.out, cfg, dataset=args.dataset, limit=args.limit, device=device,
+        resume=args.resume, progress=not args.no_progress,
+    )  # fmt: skip
+    print(dumps(res, indent=2, sort_keys=True))
     return 0
 
 
@@ -253,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "finetune":
+            return _finetune(args)
     except (ValueError, OSError) as e:  # OSError: a file or folder that cannot be read or written
         print(f"difflora hypernet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -303,6 +344,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rank", type=int, default=None, help="rank of the exported LoRA, >= 1 (default: the adapter's own)"
     )
+    p.add_argument(
+        "--refine-steps", type=int, default=0,
+        help=f"refine the predicted code on the photos for N steps, 0 .. {MAX_REFINE_STEPS} (identity-basis "
+        "checkpoints only; loads the base model)",
+    )  # fmt: skip
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -312,14 +358,22 @@ def predict_main(argv: list[str] | None = None) -> int:
     try:
         seed(args.seed)
         positive(args.steps, "--steps")
+        refine_steps(args.refine_steps)
         if args.rank is not None and args.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {args.rank} (leave it out to keep the adapter's rank)")
         if args.rank is not None and args.format == "native":
             raise ValueError("--rank applies to the LoRA formats (diffusers, kohya, peft), not to --format native")
         (writable_dir if args.format == "peft" else writable_file)(args.out, "--out")
         predictor = Predictor.load(args.checkpoint)
+        if args.refine_steps and not predictor.supports_refine:
+            raise ValueError(
+                f"--refine-steps needs a hypernet over identity-basis codes; {args.checkpoint} predicts "
+                f"{predictor.spec.method} adapters through a token layout"
+            )
         _check_export(predictor.spec, args.format, args.rank)
-        adapter, ident = predictor.predict_photos([str(x) for x in args.photos], seed=args.seed, steps=args.steps)
+        adapter, ident = predictor.predict_photos(
+            [str(x) for x in args.photos], seed=args.seed, steps=args.steps, refine_steps=args.refine_steps
+        )
         for line in _photo_warnings(ident):
             print(f"difflora predict: warning: {line}", file=sys.stderr)
         from weights.io import save_adapter
@@ -331,5 +385,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     left = [o["name"] for o in ident["outliers"]] + [f["name"] for f in ident["failed"]]
     note = f" (left out: {', '.join(left)})" if left else ""
     n_used, n_layers = len(ident["inliers"]), len(adapter.spec.layers)
-    print(f"adapter ({adapter.spec.method}, {n_layers} layers) from {n_used} photos{note} -> {args.out}")
+    refined = f", refined {args.refine_steps} steps in {ident['refine_seconds']:.2f} s" if args.refine_steps else ""
+    print(f"adapter ({adapter.spec.method}, {n_layers} layers) from {n_used} photos{note}{refined} -> {args.out}")
     return 0
