@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from pathlib import Path
 
-from weights.safetensors_io import atomic_write_bytes
+from pipeline_data.plots import pyplot, save_png, style_axis
 
 PANELS = (  # (title, stage, train key, validation keys)
     ("autoencoder", "autoencoder", "loss", ("val_ae_rel_mse",)),
@@ -17,13 +15,8 @@ PANELS = (  # (title, stage, train key, validation keys)
 
 def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
     """Plot training loss and validation metrics per stage. Returns False if matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no metrics plot written", stacklevel=2)
+    plt = pyplot()
+    if plt is None:
         return False
     recs = [json.loads(ln) for ln in Path(jsonl).read_text().splitlines() if ln.strip()]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.5))
@@ -35,15 +28,6 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
             va = [(r["step"], r[vk]) for r in recs if r.get(vk) is not None]  # null: a non-finite value
             if va:
                 ax.plot(*zip(*va, strict=True), "o-", label=vk, ms=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+        style_axis(ax, title)
+    save_png(fig, png)
     return True

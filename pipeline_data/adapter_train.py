@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +102,80 @@ def prior_latents(pipe, cfg: BuildConfig, height: int, width: int) -> torch.Tens
     return out.float()
 
 
+def draw_batch(
+    latents: torch.Tensor, bs: int, n_train: int, g: torch.Generator, device, idx: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One denoising batch: latents x0 (``idx`` or ``bs`` drawn at random), noise like x0 and timesteps (bs,)."""
+    if idx is None:
+        idx = torch.randint(len(latents), (bs,), generator=g)
+    x0 = latents[idx].to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    t = torch.randint(0, n_train, (len(idx),), generator=g).to(device)
+    return x0, noise, t
+
+
+def denoising_loss(unet, sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The recipe's DreamBooth objective: MSE between the UNet's noise prediction and the noise, in fp32."""
+    pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def optimise(
+    pipe,
+    latents: torch.Tensor,
+    params: list[torch.Tensor],
+    cfg: BuildConfig,
+    g: torch.Generator,
+    *,
+    adapter: Callable[[], AbstractContextManager] = nullcontext,
+    prior: torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "adapter",
+) -> tuple[list[float], list[float]]:
+    """The recipe's optimisation of ``params`` on ``latents`` (2N, C, h, w): AdamW without weight decay, 5 % linear
+    warm-up, gradient clipping at 1, ``cfg.steps`` steps of ``cfg.batch_size`` with the caption (and the prior loss).
+
+    ``adapter()`` is entered around each step's forward passes (e.g. per-sample adapters built from the current
+    params); with injected adapters it is a no-op. Returns the per-step losses and seconds.
+    """
+    from tqdm.auto import tqdm
+
+    unet = pipe.unet
+    device = unet.device
+    height, width = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    n_train = sched.config.num_train_timesteps
+    bs = cfg.batch_size
+    cond = unet_conditioning(pipe, cfg.caption, bs, height, width)
+    prior_cond = unet_conditioning(pipe, cfg.class_prompt, bs, height, width) if prior is not None else None
+    warmup = max(1, cfg.steps // 20)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    for step in tqdm(range(cfg.steps), disable=not progress, desc=desc, leave=False):
+        t_step = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_at(step)
+        with adapter():
+            loss = denoising_loss(unet, sched, *draw_batch(latents, bs, n_train, g, device), cond)
+            if prior is not None and cfg.prior_weight > 0:
+                ploss = denoising_loss(
+                    unet, sched, *draw_batch(prior, bs, n_train, g, device), _slice_cond(prior_cond, bs)
+                )
+                loss = loss + cfg.prior_weight * ploss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lv = float(loss.detach())
+        if not np.isfinite(lv):
+            raise FloatingPointError(f"training loss became {lv} at step {step}")
+        losses.append(lv)
+        step_seconds.append(time.perf_counter() - t_step)
+    return losses, step_seconds
+
+
 def train_identity(
     pipe,
     crops: np.ndarray,
@@ -115,56 +191,15 @@ def train_identity(
     """
     t0 = time.perf_counter()
     unet = pipe.unet
-    device = unet.device
-    height, width = crops.shape[1:3]
     g = torch.Generator("cpu").manual_seed(cfg.seed)
     latents = encode_latents(pipe, crops, g)  # (2N, C, h, w)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    n_train = sched.config.num_train_timesteps
-    cond = unet_conditioning(pipe, cfg.caption, cfg.batch_size, height, width)
-    prior_cond = (
-        unet_conditioning(pipe, cfg.class_prompt, cfg.batch_size, height, width) if prior is not None else None
-    )
-
-    warmup = max(1, cfg.steps // 20)
-    lr_at = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731
-    losses: list[float] = []
-    step_seconds: list[float] = []
     was_training = unet.training
     spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
     try:  # from here on the adapter is removed whatever happens: the UNet is shared by every later identity
-        from tqdm.auto import tqdm
-
-        params = trainable_parameters(unet)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         unet.train()
-        for step in tqdm(range(cfg.steps), disable=not progress, desc="adapter", leave=False):
-            t_step = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_at(step)
-            bs = cfg.batch_size
-            idx = torch.randint(len(latents), (bs,), generator=g)
-            x0 = latents[idx].to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(0, n_train, (bs,), generator=g).to(device)
-            pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            if prior is not None and cfg.prior_weight > 0:
-                pidx = torch.randint(len(prior), (bs,), generator=g)
-                p0 = prior[pidx].to(device)
-                pn = torch.randn(p0.shape, generator=g).to(device)
-                pt = torch.randint(0, n_train, (bs,), generator=g).to(device)
-                ppred = unet(sched.add_noise(p0, pn, pt), pt, **_slice_cond(prior_cond, bs)).sample
-                loss = loss + cfg.prior_weight * F.mse_loss(ppred.float(), pn.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            lv = float(loss.detach())
-            if not np.isfinite(lv):
-                raise FloatingPointError(f"training loss became {lv} at step {step}")
-            losses.append(lv)
-            step_seconds.append(time.perf_counter() - t_step)
+        losses, step_seconds = optimise(
+            pipe, latents, trainable_parameters(unet), cfg, g, prior=prior, progress=progress
+        )
     finally:
         adapter = remove_adapter(unet)
         unet.train(was_training)

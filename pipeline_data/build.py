@@ -97,20 +97,24 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
-def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) -> dict:
+def prepare_identity(
+    src: IdentitySource, cfg: BuildConfig, encoder, size: int, *, min_photos: int | None = None
+) -> dict:
     """Decode + embed the photos, drop inconsistent ones, reserve held-out photos, crop the rest.
 
     Returns a record (``status`` "ok" or "skipped" with a ``reason``); "ok" records carry ``_crops`` (train) and
-    ``_heldout_crops`` arrays that the caller strips before writing.
+    ``_heldout_crops`` arrays that the caller strips before writing. ``min_photos`` overrides ``cfg.min_photos``
+    (the basis training takes single-photo people: an identity with one usable photo holds none out).
     """
     from .faces.identity import build_identity
     from .tiny.crops import aligned_crop
 
+    need = cfg.min_photos if min_photos is None else min_photos
     paths = _images_in(Path(src.path))[: cfg.max_photos]
     rec: dict = {"identity": src.id, "dataset": src.dataset, "name": src.name, "source": os.path.abspath(src.path)}
     rec["split"] = split_of(src.dataset, src.name)
-    if len(paths) < cfg.min_photos:
-        return {**rec, "status": "skipped", "reason": f"{len(paths)} photos < min_photos {cfg.min_photos}"}
+    if len(paths) < need:
+        return {**rec, "status": "skipped", "reason": f"{len(paths)} photos < min_photos {need}"}
     rgbs, results = [], []
     for p in paths:
         rgb, res = None, None
@@ -129,9 +133,9 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
     ]
     inliers = ident.inliers
     rec["consistency"] = float(ident.consistency)
-    if len(inliers) < cfg.min_photos:
-        return {**rec, "status": "skipped", "reason": f"{len(inliers)} usable photos < min_photos {cfg.min_photos}"}
-    n_held = 2 if len(paths) >= 8 else 1
+    if len(inliers) < need:
+        return {**rec, "status": "skipped", "reason": f"{len(inliers)} usable photos < min_photos {need}"}
+    n_held = 0 if len(inliers) < 2 else 2 if len(paths) >= 8 else 1
     order = sorted(inliers, key=lambda i: _rank(src.id, paths[i].name))
     held, train = sorted(order[:n_held]), sorted(order[n_held:])
     crops = {i: aligned_crop(encoder, rgbs[i], ident.photos[i].result.face, size, cfg.crop_padding) for i in inliers}
@@ -143,10 +147,12 @@ def prepare_identity(src: IdentitySource, cfg: BuildConfig, encoder, size: int) 
         embeddings=[_floats(emb[i]) for i in train],
         heldout_embeddings=[_floats(emb[i]) for i in held],
         # the identity check embeds generated crops as whole images: embed the held-out crops the same way
-        heldout_crop_embeddings=[_floats(e) for e in encoder.embed_images_as_faces([crops[i] for i in held])],
+        heldout_crop_embeddings=[_floats(e) for e in encoder.embed_images_as_faces([crops[i] for i in held])]
+        if held
+        else [],
         identity_embedding=_floats(np.mean([emb[i] for i in train], axis=0)),
         _crops=np.stack([crops[i] for i in train]),
-        _heldout_crops=np.stack([crops[i] for i in held]),
+        _heldout_crops=np.stack([crops[i] for i in held]) if held else np.zeros((0, size, size, 3), np.uint8),
     )
     return rec
 
@@ -177,11 +183,26 @@ def _worker_state(cfg: BuildConfig):
     return _STATE["pipe"], _STATE["encoder"], _STATE["prior"]
 
 
+def _basis(cfg: BuildConfig):
+    """The identity basis of a method-"basis" recipe, loaded once per process."""
+    from weights.basis import load_basis
+
+    from .basis_train import basis_file
+
+    path = str(basis_file(cfg.basis).resolve())
+    if _STATE.get("basis_path") != path:
+        _STATE.update(basis_path=path, basis=load_basis(path))
+    return _STATE["basis"]
+
+
 def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
     """Prepare, train and write one identity (the unit of work, local or as a Ray task). Returns its record."""
     from weights.formats.native import save_native
+    from weights.safetensors_io import write_safetensors
 
     from .adapter_train import train_identity
+    from .basis_train import fit_code
+    from .recipe import BASIS_METHOD
 
     cfg = BuildConfig.from_dict(cfg_dict)
     out = Path(out_dir)
@@ -193,7 +214,15 @@ def run_identity(src: IdentitySource, cfg_dict: dict, out_dir: str) -> dict:
     if rec["status"] == "ok":
         crops, held = rec.pop("_crops"), rec.pop("_heldout_crops")
         del held  # held-out photos are never trained on; the check uses their embeddings
-        res = train_identity(pipe, crops, cfg, base_model=cfg.base_model_id, prior=prior)
+        if cfg.method == BASIS_METHOD:
+            basis = _basis(cfg)
+            res = fit_code(pipe, crops, cfg, basis, prior=prior)
+            res.adapter.spec.base_model = cfg.base_model_id
+            code_path = out / "codes" / f"{src.id}.safetensors"
+            write_safetensors(code_path, {"code": res.code}, {"identity": src.id, "basis": basis.fingerprint()})
+            rec.update(code=str(code_path.relative_to(out)), basis=basis.fingerprint())
+        else:
+            res = train_identity(pipe, crops, cfg, base_model=cfg.base_model_id, prior=prior)
         path = out / "adapters" / f"{src.id}.safetensors"
         save_native(res.adapter, path)
         rec.update(
@@ -239,13 +268,20 @@ def write_manifest(out: Path) -> int:
     return len(lines)
 
 
+def changed_fields(path: Path, cfg) -> list[str]:
+    """The ``training_dict`` fields in which ``cfg`` differs from the config of its class saved at ``path``
+    (none when nothing is saved there)."""
+    if not path.exists():
+        return []
+    old = type(cfg).from_dict(json.loads(path.read_text())).training_dict()
+    return sorted(k for k, v in cfg.training_dict().items() if old.get(k) != v)
+
+
 def _check_config(out: Path, cfg: BuildConfig) -> None:
     path = out / "config.json"
-    if path.exists():
-        old = BuildConfig.from_dict(json.loads(path.read_text()))
-        if old.training_dict() != cfg.training_dict():
-            diff = sorted(k for k, v in cfg.training_dict().items() if old.training_dict().get(k) != v)
-            raise ValueError(f"{out} was built with another recipe (differs in: {', '.join(diff)}); use a new --out")
+    diff = changed_fields(path, cfg)
+    if diff:
+        raise ValueError(f"{out} was built with another recipe (differs in: {', '.join(diff)}); use a new --out")
     atomic_write_json(path, json.loads(cfg.to_json()))
 
 
@@ -326,7 +362,19 @@ def build(
 
 
 def _complete(out: Path, rec: dict) -> bool:
-    return rec.get("status") != "ok" or (out / rec.get("adapter", "")).is_file()
+    if rec.get("status") != "ok":
+        return True
+    return (out / rec.get("adapter", "")).is_file() and ("code" not in rec or (out / rec["code"]).is_file())
+
+
+def load_dataset_codes(out_dir: str | Path, ids: Sequence[str] | None = None) -> dict:
+    """``{identity: code (K,)}`` of a method-"basis" dataset's ok records (optionally only ``ids``)."""
+    from weights.safetensors_io import read_safetensors
+
+    out = Path(out_dir)
+    recs = read_records(out)
+    keep = [k for k, r in recs.items() if r["status"] == "ok" and "code" in r and (ids is None or k in ids)]
+    return {k: read_safetensors(out / recs[k]["code"])[0]["code"] for k in sorted(keep)}
 
 
 def load_dataset_adapters(out_dir: str | Path, ids: Sequence[str] | None = None) -> dict:

@@ -25,6 +25,7 @@ FULL_TARGETS = [
 ]
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_PRESETS = {"full": FULL_TARGETS, "attn": ATTN_TARGETS}
+BASIS_METHOD = "basis"  # data build --method basis: fit a code per identity in an identity basis (weights.basis)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class BuildConfig:
     check_seeds: int = 8  # generations per adapter in the identity check
     check_steps: int = 20  # DDIM steps of the identity check generations
     check_guidance: float = 3.0  # CFG scale of the identity check generations
+    basis: str = ""  # method "basis": the identity basis codes are fitted in ("data basis" folder or its file)
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "prior_images", "check_seeds", "check_steps"):
@@ -78,6 +80,10 @@ class BuildConfig:
             raise ValueError(f"method_params must be a JSON object, got {json.dumps(self.method_params, default=str)}")
         if not self.targets:
             raise ValueError("targets must name at least one module pattern")
+        if self.method == BASIS_METHOD and not self.basis:
+            raise ValueError("method basis needs the identity basis to fit codes in (--basis DIR of 'data basis')")
+        if self.basis and self.method != BASIS_METHOD:
+            raise ValueError(f"basis applies to method basis only (method is {self.method})")
 
     @property
     def base_model_id(self) -> str:
@@ -92,6 +98,16 @@ class BuildConfig:
         return Path(self.base).name or self.base
 
     def adapter_spec(self, base_model: str | None = None) -> AdapterSpec:
+        """The spec every identity's adapter has (method "basis": the basis' LoRA spec, read from its file)."""
+        if self.method == BASIS_METHOD:
+            import dataclasses
+
+            from weights.basis import load_basis
+
+            from .basis_train import basis_file
+
+            spec = load_basis(basis_file(self.basis)).spec
+            return dataclasses.replace(spec, base_model=self.base_model_id if base_model is None else base_model)
         return AdapterSpec(
             method=self.method,
             rank=self.rank,
@@ -108,7 +124,8 @@ class BuildConfig:
 
     def recipe_flags(self) -> dict[str, Any]:
         """``difflora data build`` flag -> value (without --faces/--out/--base), for dataset_recipe.json."""
-        return {"--" + k.replace("_", "-"): v for k, v in self.training_dict().items() if k != "base"}
+        skip = {"base"} if self.method == BASIS_METHOD else {"base", "basis"}
+        return {"--" + k.replace("_", "-"): v for k, v in self.training_dict().items() if k not in skip}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

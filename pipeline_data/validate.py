@@ -93,10 +93,36 @@ def check_targets(cfg: BuildConfig, folder: Path) -> int:
     return len(found)
 
 
+def check_basis(cfg: BuildConfig, folder: Path | None) -> None:
+    """ValueError naming ``--basis`` when the basis cannot be read or does not fit the base UNet's layers."""
+    from weights.basis import load_basis
+    from weights.errors import AdapterFileError
+
+    from .basis_train import basis_file
+
+    try:
+        basis = load_basis(basis_file(cfg.basis))
+    except AdapterFileError as e:
+        raise ValueError(f"--basis {cfg.basis}: {e}") from None
+    unet = _meta_unet(folder) if folder is not None else None
+    if unet is None:
+        return
+    mods = dict(unet.named_modules())
+    for lay in basis.spec.layers:
+        w = getattr(mods.get(lay.name), "weight", None)
+        if w is None or tuple(w.shape) != tuple(lay.shape):
+            raise ValueError(f"--basis {cfg.basis}: layer {lay.name} does not fit the UNet of --base {cfg.base}")
+
+
 def validate_recipe(cfg: BuildConfig) -> None:
     """All checks above; ValueError with one clear message for the first problem found."""
     from weights.methods import METHODS
 
+    from .recipe import BASIS_METHOD
+
+    if cfg.method == BASIS_METHOD:
+        check_basis(cfg, base_folder(cfg.base))
+        return
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} is unknown; valid: {', '.join(sorted(METHODS))}")
     check_method_params(cfg)

@@ -271,3 +271,30 @@ def test_shipped_dataset_records_resolve_outside_the_repository(
     monkeypatch.chdir(tmp_path)
     src = record_source(rec, ds)
     assert src.is_dir() and all((src / name).is_file() for name in rec["photos_used"] + rec["heldout"]), src
+
+
+def test_the_shipped_recipe_replays_with_overrides(tmp_path: Path) -> None:
+    """``data build --recipe assets/tiny/hypernet/dataset_recipe.json``: every recipe value lands in the build's
+    config (its --class-prompt / --crop-padding / --prior-images too), flags given on the command line win."""
+    from pipeline_data.cli import main
+    from tests.utils.datasets import tiny_base
+
+    recipe = REPO / "assets" / "tiny" / "hypernet" / "dataset_recipe.json"
+    flags = json.loads(recipe.read_text())
+    assert {"--class-prompt", "--crop-padding", "--prior-images"} <= set(flags)
+    out = tmp_path / "replay"
+    argv = ["build", "--recipe", str(recipe), "--faces", str(IDS[0]), "--out", str(out), "--base", tiny_base(),
+            "--steps", "2", "--batch-size", "2", "--threads", "1", "--check-identities", "0"]  # fmt: skip
+    assert main(argv) == 0
+    got = BuildConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert got.recipe_flags() == {**flags, "--steps": 2, "--batch-size": 2}
+    (rec,) = read_records(out).values()
+    assert rec["status"] == "ok" and rec["loss"]["steps"] == 2
+    # the three flags the recipe names are data build options too
+    out2 = tmp_path / "flags"
+    argv2 = ["build", "--faces", str(IDS[0]), "--out", str(out2), "--base", tiny_base(), "--steps", "1",
+             "--class-prompt", "a photo of a man", "--crop-padding", "0.25", "--prior-images", "3",
+             "--check-identities", "0", "--threads", "1"]  # fmt: skip
+    assert main(argv2) == 0
+    got2 = json.loads((out2 / "config.json").read_text())
+    assert (got2["class_prompt"], got2["crop_padding"], got2["prior_images"]) == ("a photo of a man", 0.25, 3)
