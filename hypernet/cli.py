@@ -64,8 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cfg-scale", type=float, default=None, help="hypernet CFG scale (default: checkpoint's)")
     e.add_argument("--mlp-epochs", type=int, default=300, help="training epochs of the regression-MLP baseline")
     e.add_argument(
-        "--split", choices=("eval", "val"), default="eval", help="eval: the table; val: tune sampling options on"
+        "--split", choices=("eval", "val", "all"), default="eval",
+        help="eval: the table; val: tune sampling options on; all: every identity (a dataset of new people)",
+    )  # fmt: skip
+    e.add_argument(
+        "--train-dataset", type=Path, help="with --split all: the dataset whose train identities the baselines use"
     )
+    e.add_argument(
+        "--refine-rows", default="5,20", help="basis checkpoints: rows of the code refined N steps ('' for none)"
+    )
+    e.add_argument("--no-refit", action="store_true", help="basis checkpoints: no oracle re-fit (refit_fidelity)")
     e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
     e.add_argument(
         "--baselines", default="mean,nearest,mlp",
@@ -207,20 +215,24 @@ def _eval(args: argparse.Namespace) -> int:
         mlp_epochs=args.mlp_epochs, split=args.split, samples=args.samples,
         baselines=tuple(b for b in args.baselines.split(",") if b),
         mlp_scales=_numbers(args.mlp_scales, "--mlp-scales"), progress=True,
+        refine_steps=_numbers(args.refine_rows, "--refine-rows", int), refit=not args.no_refit,
     )  # fmt: skip
-    res = evaluate(args.dataset, args.checkpoint, cfg)
+    if args.train_dataset is not None and args.split != "all":
+        raise ValueError("--train-dataset applies to --split all (otherwise the dataset's own train split is used)")
+    res = evaluate(args.dataset, args.checkpoint, cfg, train_dataset=args.train_dataset)
     write_results(res, args.out)
     rows = {**res["baselines"], **res.get("variants", {}), "hypernet": res["hypernet"]}
     print(f"{res['n_identities']} held-out identities")
     print(
         f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity':>12} {'(held-out)':>11} {'fn cosine':>10} "
-        f"{'w. cosine':>10} {'no-face':>8} {'s/id':>8}"
+        f"{'w. cosine':>10} {'loss gain':>10} {'no-face':>8} {'s/id':>8}"
     )
     for name, r in rows.items():
         print(
             f"{name:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} "
             f"{r['function_fidelity_heldout']:11.3f} {r['function_cosine']:10.3f} {r['weight_cosine']:10.3f} "
-            f"{r['no_face_rate']:8.2f} {r['seconds_per_identity']:8.4f}"
+            f"{r.get('heldout_loss_gain', float('nan')):10.3f} {r['no_face_rate']:8.2f} "
+            f"{r['seconds_per_identity']:8.4f}"
         )
     return 0
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from weights.basis import IdentityBasis, load_basis
+from weights.adapter import Adapter
+from weights.basis import IdentityBasis, basis_to_lora, load_basis
 
 from .adapter_data import read_recipe, split_rows, usable_records
-from .code_autoencoder import code_mask, code_token_shape, codes_to_tokens
+from .code_autoencoder import code_mask, code_token_shape, codes_to_tokens, tokens_to_codes
 from .data import HypernetDataset
 
 BASIS_METHOD = "basis"  # the method name of a codes dataset's build config (pipeline_data.recipe)
@@ -40,6 +41,11 @@ class CodeDataset:
 
     def split(self, *names: str) -> HypernetDataset:
         return self.data.subset(split_rows(self.records, names))
+
+    def adapter(self, row: int, tokens: torch.Tensor | None = None) -> Adapter:
+        """Row ``row``'s oracle (its fitted code's LoRA), or the LoRA of code ``tokens`` (T, D) (a baseline's)."""
+        code = self.codes[row] if tokens is None else tokens_to_codes(tokens[None], self.basis.num_directions)[0]
+        return basis_to_lora(self.basis, code)
 
 
 def is_code_dataset(directory: str | Path) -> bool:
@@ -67,7 +73,7 @@ def load_code_dataset(
     """Load every ok identity of a codes dataset (optionally only ``splits``; optionally dropping identities whose
     identity-check gain is below ``min_gain``); ``basis`` overrides the basis file the dataset names. A ValueError
     when a record's code was fitted in another basis."""
-    from weights.safetensors_io import read_safetensors
+    from pipeline_data.build import load_dataset_codes
 
     d = Path(directory)
     recipe = read_recipe(d)
@@ -83,7 +89,8 @@ def load_code_dataset(
     other = [r["identity"] for r in recs if r.get("basis", fp) != fp]
     if other:
         raise ValueError(f"{d}: codes fitted in another basis than {path}: {other[:5]}")
-    codes = torch.stack([read_safetensors(d / r["code"])[0]["code"].float().reshape(-1) for r in recs])  # (N, K)
+    by_id = load_dataset_codes(d, [r["identity"] for r in recs])
+    codes = torch.stack([by_id[r["identity"]].float().reshape(-1) for r in recs])  # (N, K)
     k = b.num_directions
     if codes.shape[1] != k:
         raise ValueError(f"{d}: codes have {codes.shape[1]} values, the basis {path} has K = {k}")
