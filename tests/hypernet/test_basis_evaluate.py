@@ -45,15 +45,16 @@ def test_basis_eval_table_definitions(basis_world, eval_dataset: Path) -> None:
 
 
 def test_basis_eval_split_all_and_cli(basis_world, eval_dataset: Path, tmp_path: Path, capsys) -> None:
-    res = evaluate(eval_dataset, basis_world["hypernet"], EvalConfig(**FAST, split="all", refine_steps=(), refit=False))
-    assert res["n_identities"] == 3 and set(res["baselines"]) == {"base", "oracle"}  # no training identities given
+    cfg = EvalConfig(**FAST, split="all", refine_steps=(), refit=False, limit=1)
+    res = evaluate(eval_dataset, basis_world["hypernet"], cfg)
+    assert res["n_identities"] == 1 and set(res["baselines"]) == {"base", "oracle"}  # no training identities given
     out = tmp_path / "all.json"
     argv = ["eval", "--dataset", str(eval_dataset), "--checkpoint", str(basis_world["hypernet"]), "--out", str(out),
-            "--seeds", "1", "--sample-steps", "2", "--mlp-epochs", "3", "--split", "all", "--refine-rows", "",
-            "--no-refit", "--train-dataset", str(basis_world["dataset"])]  # fmt: skip
+            "--seeds", "1", "--sample-steps", "2", "--mlp-epochs", "3", "--limit", "2", "--split", "all",
+            "--refine-rows", "", "--no-refit", "--train-dataset", str(basis_world["dataset"])]  # fmt: skip
     assert main(argv) == 0
     saved = json.loads(out.read_text())
-    assert saved["n_identities"] == 3 and {"mean", "nearest", "mlp"} <= set(saved["baselines"])
+    assert saved["n_identities"] == 2 and {"mean", "nearest", "mlp"} <= set(saved["baselines"])
     assert "loss gain" in capsys.readouterr().out
     assert main([*argv[:-2], "--split", "eval", "--train-dataset", str(eval_dataset)]) == 2
     assert "--train-dataset applies to --split all" in capsys.readouterr().err

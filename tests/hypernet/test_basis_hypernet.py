@@ -179,3 +179,49 @@ def test_refine_from_photos_reports_its_seconds(basis_world) -> None:
     plain, report0 = pred.predict_photos(photos)
     assert report0["refine_seconds"] == 0.0
     assert any(not torch.equal(adapter.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
+def test_predict_cli_refine_steps(basis_world, tmp_path: Path, capsys) -> None:
+    from hypernet.cli import predict_main
+    from weights.io import load_any
+
+    photos = sorted(str(p) for p in DATASET_IDS[0].iterdir())[:2]
+    ckpt = str(basis_world["hypernet"])
+    out = tmp_path / "refined.safetensors"
+    assert predict_main([*photos, "--checkpoint", ckpt, "--out", str(out), "--refine-steps", "2"]) == 0
+    assert "refined 2 steps in" in capsys.readouterr().out and load_any(out).spec.method == "lora"
+    for bad in ("-1", "201"):
+        assert predict_main([*photos, "--checkpoint", ckpt, "--out", str(out), "--refine-steps", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--refine-steps must be an integer in 0 .. 200" in err[0]
+
+
+def test_predict_cli_refine_needs_a_basis_checkpoint(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    from hypernet.cli import predict_main
+    from pipeline_data.models import load_pipeline
+    from tests.utils.datasets import tiny_base
+
+    Predictor.untrained(load_pipeline(tiny_base())).save(tmp_path / "lora")
+    photos = sorted(str(p) for p in DATASET_IDS[0].iterdir())[:2]
+    argv = [*photos, "--checkpoint", str(tmp_path / "lora"), "--out", str(tmp_path / "a.safetensors")]
+    assert predict_main([*argv, "--refine-steps", "2"]) == 2
+    assert "--refine-steps needs a hypernet over identity-basis codes" in capsys.readouterr().err
+
+
+def test_finetune_cli_runs_and_refuses_bad_settings(basis_world, tmp_path: Path, capsys) -> None:
+    from hypernet.cli import main
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    shutil.copytree(basis_world["basis"] / "prepared", out / "prepared")
+    argv = ["finetune", "--checkpoint", str(basis_world["hypernet"]), "--faces", *map(str, DATASET_IDS[:2]),
+            "--out", str(out), "--dataset", str(basis_world["dataset"]), "--no-progress"]  # fmt: skip
+    sets = ["--set", "steps=2", "--set", "identities=2", "--set", "batch_size=2"]
+    assert main([*argv, *sets]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["with_codes"] == 2  # both people have fitted codes in the dataset
+    assert isinstance(Predictor.load(out), BasisPredictor)
+    for bad, msg in (("colour=red", "unknown"), ("steps=ten", "must be an integer"), ("splits=eval", "never eval")):
+        assert main([*argv, "--set", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
