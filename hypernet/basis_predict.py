@@ -9,8 +9,9 @@ hypernetwork checkpoint (``config.json``, ``ema.safetensors``) plus:
 * ``dataset_recipe.json`` — the ``difflora data build`` options of the dataset it was trained on.
 
 ``predict_batch`` returns ordinary LoRA adapters (``basis_to_lora``), so ``difflora predict``, the service and
-every other caller of :class:`hypernet.predict.Predictor` use it like any predictor. ``refine`` (HyperDreamBooth's fast fine-tune, cheaper) starts from the
-predicted code and optimises only the code on the user's photos (denoising loss, basis frozen) for N steps.
+every other caller of :class:`hypernet.predict.Predictor` use it like any predictor. ``refine`` (HyperDreamBooth's
+fast fine-tune, cheaper) starts from the predicted code and optimises only the code on the user's photos
+(denoising loss, basis frozen) for N steps.
 """
 
 from __future__ import annotations
