@@ -93,7 +93,7 @@ def test_finetune_lowers_the_denoising_loss_of_its_photos(basis_world, tmp_path:
         rec = ft.train_step()
         assert np.isfinite(rec["loss"]) and rec["code_loss"] == 0.0
     after = ft.photo_loss(timesteps=2)
-    assert after < before, (before, after)  # 10 steps: 0.13157 -> 0.13144
+    assert after < before, (before, after)  # small (about 1e-4 on this world) but at fixed seeds deterministic
 
 
 class Stop(Exception):

@@ -14,6 +14,7 @@ HYPERNET_SETTINGS = [
     "denoiser.hidden=32", "denoiser.depth=1", "denoiser.heads=2", "train.dn_steps=30", "train.batch_size=4",
     "train.sample_steps=4", "train.eval_every=10", "train.ckpt_every=10", "train.warmup_steps=2", "train.dn_lr=3e-3",
 ]  # fmt: skip
+MAX_PHOTOS = 5  # photos read per person (fewer faces to detect; every person keeps one held out)
 FIT = {"steps": 6, "batch_size": 4, "lr": 5e-2}  # the codes' fit (and refine's learning rate and batch)
 
 
@@ -22,7 +23,7 @@ def make_basis(out: Path) -> Path:
 
     cfg = BasisTrainConfig(
         base=tiny_base(), num_directions=K, rank=2, steps=12, batch_size=4, lr_basis=5e-3, lr_codes=5e-2,
-        checkpoint_every=12, threads=1,
+        checkpoint_every=12, threads=1, max_photos=MAX_PHOTOS,
     )  # fmt: skip
     train_basis([str(p) for p in DATASET_IDS], out, cfg, progress=False)
     return out
@@ -31,7 +32,7 @@ def make_basis(out: Path) -> Path:
 def make_codes_dataset(basis: Path, out: Path) -> Path:
     from pipeline_data.build import build
 
-    cfg = build_config(method="basis", basis=str(basis), **FIT)
+    cfg = build_config(method="basis", basis=str(basis), max_photos=MAX_PHOTOS, **FIT)
     summary = build([str(p) for p in DATASET_IDS], out, cfg, progress=False)
     assert summary["ok"] == 3 and not summary["failed"], summary
     return out
