@@ -35,16 +35,21 @@ class AdapterDataset:
     face_backend: str  # backend of the condition embeddings
 
     def split(self, *names: str) -> HypernetDataset:
-        idx = [i for i, r in enumerate(self.records) if r.get("split") in names]
-        if not idx:
-            raise ValueError(f"no identity of split {names} in the dataset")
-        return self.data.subset(idx)
+        return self.data.subset(split_rows(self.records, names))
 
     def adapter(self, row: int, tokens: torch.Tensor | None = None) -> Adapter:
         from weights.tokens import tokens_to_adapter
 
         t = self.data.tokens[row] if tokens is None else tokens
         return tokens_to_adapter(t, self.layout, self.spec, self.template)
+
+
+def split_rows(records: Sequence[dict], names: Sequence[str]) -> list[int]:
+    """Rows of the records whose split is one of ``names`` (a ValueError when there is none)."""
+    idx = [i for i, r in enumerate(records) if r.get("split") in names]
+    if not idx:
+        raise ValueError(f"no identity of split {tuple(names)} in the dataset")
+    return idx
 
 
 def read_manifest(directory: str | Path) -> list[dict]:
@@ -60,6 +65,25 @@ def read_manifest(directory: str | Path) -> list[dict]:
     return recs
 
 
+def read_recipe(directory: str | Path) -> dict:
+    """A dataset's build config (its ``config.json``; {} when it has none)."""
+    path = Path(directory) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def usable_records(directory: Path, splits: Sequence[str] | None, min_gain: float | None) -> list[dict]:
+    """The ok records of a dataset (optionally only ``splits``; optionally without identities whose identity-check
+    gain is below ``min_gain``, those without check figures kept); a ValueError when none is left."""
+    recs = [r for r in read_manifest(directory) if r.get("status") == "ok"]
+    if splits is not None:
+        recs = [r for r in recs if r.get("split") in splits]
+    if min_gain is not None:
+        recs = [r for r in recs if "check" not in r or r["check"]["gain"] >= min_gain]
+    if not recs:
+        raise ValueError(f"{directory}: no usable identities (splits={splits}, min_gain={min_gain})")
+    return recs
+
+
 def load_adapter_dataset(
     directory: str | Path,
     *,
@@ -72,14 +96,8 @@ def load_adapter_dataset(
     gain is below ``min_gain`` — identities without check figures are kept). Factors stay raw unless
     ``canonicalize``: the build trains every identity from one seeded init, so raw factors share one gauge."""
     d = Path(directory)
-    recs = [r for r in read_manifest(d) if r.get("status") == "ok"]
-    if splits is not None:
-        recs = [r for r in recs if r.get("split") in splits]
-    if min_gain is not None:
-        recs = [r for r in recs if "check" not in r or r["check"]["gain"] >= min_gain]
-    if not recs:
-        raise ValueError(f"{d}: no usable identities (splits={splits}, min_gain={min_gain})")
-    recipe = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    recs = usable_records(d, splits, min_gain)
+    recipe = read_recipe(d)
     adapters = [load_native(d / r["adapter"]) for r in recs]
     spec = adapters[0].spec
     bad = [r["identity"] for r, a in zip(recs, adapters) if a.spec.hash() != spec.hash()]

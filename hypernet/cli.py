@@ -10,7 +10,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_data.cliargs import finite, positive, resolve_device, seed, writable_dir, writable_file
+from pipeline_data.cliargs import (
+    MAX_REFINE_STEPS,
+    finite,
+    positive,
+    refine_steps,
+    resolve_device,
+    seed,
+    writable_dir,
+    writable_file,
+)
 
 from .config import PRESETS, get_preset
 from .strict_json import dumps
@@ -21,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_finetune(sub)
     _add_tune(sub)
     return p
 
@@ -68,8 +78,16 @@ def _add_eval(sub) -> None:
     e.add_argument("--cfg-scale", type=float, default=None, help="hypernet CFG scale (default: checkpoint's)")
     e.add_argument("--mlp-epochs", type=int, default=300, help="training epochs of the regression-MLP baseline")
     e.add_argument(
-        "--split", choices=("eval", "val"), default="eval", help="eval: the table; val: tune sampling options on"
+        "--split", choices=("eval", "val", "all"), default="eval",
+        help="eval: the table; val: tune sampling options on; all: every identity (a dataset of new people)",
+    )  # fmt: skip
+    e.add_argument(
+        "--train-dataset", type=Path, help="with --split all: the dataset whose train identities the baselines use"
     )
+    e.add_argument(
+        "--refine-rows", default="5,20", help="basis checkpoints: rows of the code refined N steps ('' for none)"
+    )
+    e.add_argument("--no-refit", action="store_true", help="basis checkpoints: no oracle re-fit (refit_fidelity)")
     e.add_argument("--samples", type=int, default=None, help="hypernet samples averaged (default: checkpoint's)")
     e.add_argument(
         "--baselines", default="mean,nearest,mlp",
@@ -79,6 +97,22 @@ def _add_eval(sub) -> None:
     e.add_argument(
         "--mlp-scales", default="", help="extra rows: the MLP's deviation from the mean amplified x s, e.g. 2,4,6"
     )
+
+
+def _add_finetune(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune a basis hypernet end to end with the denoising loss on photos")
+    f.add_argument("--checkpoint", required=True, type=Path, help="a hypernet over codes (`train` on a codes dataset)")
+    f.add_argument("--faces", required=True, nargs="+", type=Path, help="identity-folder roots (eval split skipped)")
+    f.add_argument("--out", required=True, type=Path, help="output predictor + run directory")
+    f.add_argument("--dataset", type=Path, help="the codes dataset: its fitted codes anchor the small code loss")
+    f.add_argument("--limit", type=int, help="only the first N identity folders")
+    f.add_argument("--resume", action="store_true", help="continue the fine-tune state in --out")
+    f.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
+        help="any FinetuneConfig field, e.g. --set steps=300 --set code_weight=0.01 --set splits=train,val",
+    )  # fmt: skip
 
 
 def _add_tune(sub) -> None:
@@ -139,6 +173,22 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .config import _split_override
+    from .finetune import FinetuneConfig, finetune
+
+    positive(args.limit, "--limit")
+    device = str(resolve_device(args.device))
+    writable_dir(args.out, "--out")
+    cfg = FinetuneConfig.from_dict(dict(_split_override(x) for x in args.settings), strict=True)
+    res = finetune(
+        args.checkpoint, args.faces, args.out, cfg, dataset=args.dataset, limit=args.limit, device=device,
+        resume=args.resume, progress=not args.no_progress,
+    )  # fmt: skip
+    print(dumps(res, indent=2, sort_keys=True))
+    return 0
+
+
 def _train_overrides(args: argparse.Namespace, settings: list[str]) -> dict:
     """The train-section overrides of the options, after checking every option that a run would only use (and
     fail on) after minutes of work: seed, device, --out, --set values and the overridden fields."""
@@ -186,20 +236,24 @@ def _eval(args: argparse.Namespace) -> int:
         mlp_epochs=args.mlp_epochs, split=args.split, samples=args.samples,
         baselines=tuple(b for b in args.baselines.split(",") if b),
         mlp_scales=_numbers(args.mlp_scales, "--mlp-scales"), progress=True,
+        refine_steps=_numbers(args.refine_rows, "--refine-rows", int), refit=not args.no_refit,
     )  # fmt: skip
-    res = evaluate(args.dataset, args.checkpoint, cfg)
+    if args.train_dataset is not None and args.split != "all":
+        raise ValueError("--train-dataset applies to --split all (otherwise the dataset's own train split is used)")
+    res = evaluate(args.dataset, args.checkpoint, cfg, train_dataset=args.train_dataset)
     write_results(res, args.out)
     rows = {**res["baselines"], **res.get("variants", {}), "hypernet": res["hypernet"]}
     print(f"{res['n_identities']} held-out identities")
     print(
         f"{'candidate':<14} {'id. recovery':>13} {'fn fidelity':>12} {'(held-out)':>11} {'fn cosine':>10} "
-        f"{'w. cosine':>10} {'no-face':>8} {'s/id':>8}"
+        f"{'w. cosine':>10} {'loss gain':>10} {'no-face':>8} {'s/id':>8}"
     )
     for name, r in rows.items():
         print(
             f"{name:<14} {r['identity_recovery']:13.3f} {r['function_fidelity']:12.3f} "
             f"{r['function_fidelity_heldout']:11.3f} {r['function_cosine']:10.3f} {r['weight_cosine']:10.3f} "
-            f"{r['no_face_rate']:8.2f} {r['seconds_per_identity']:8.4f}"
+            f"{r.get('heldout_loss_gain', float('nan')):10.3f} {r['no_face_rate']:8.2f} "
+            f"{r['seconds_per_identity']:8.4f}"
         )
     return 0
 
@@ -277,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "finetune":
+            return _finetune(args)
     except (ValueError, OSError) as e:  # OSError: a file or folder that cannot be read or written
         print(f"difflora hypernet {args.command}: {e}", file=sys.stderr)
         return 2
@@ -327,6 +383,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rank", type=int, default=None, help="rank of the exported LoRA, >= 1 (default: the adapter's own)"
     )
+    p.add_argument(
+        "--refine-steps", type=int, default=0,
+        help=f"refine the predicted code on the photos for N steps, 0 .. {MAX_REFINE_STEPS} (identity-basis "
+        "checkpoints only; loads the base model)",
+    )  # fmt: skip
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -336,14 +397,22 @@ def predict_main(argv: list[str] | None = None) -> int:
     try:
         seed(args.seed)
         positive(args.steps, "--steps")
+        refine_steps(args.refine_steps)
         if args.rank is not None and args.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {args.rank} (leave it out to keep the adapter's rank)")
         if args.rank is not None and args.format == "native":
             raise ValueError("--rank applies to the LoRA formats (diffusers, kohya, peft), not to --format native")
         (writable_dir if args.format == "peft" else writable_file)(args.out, "--out")
         predictor = Predictor.load(args.checkpoint)
+        if args.refine_steps and not predictor.supports_refine:
+            raise ValueError(
+                f"--refine-steps needs a hypernet over identity-basis codes; {args.checkpoint} predicts "
+                f"{predictor.spec.method} adapters through a token layout"
+            )
         _check_export(predictor.spec, args.format, args.rank)
-        adapter, ident = predictor.predict_photos([str(x) for x in args.photos], seed=args.seed, steps=args.steps)
+        adapter, ident = predictor.predict_photos(
+            [str(x) for x in args.photos], seed=args.seed, steps=args.steps, refine_steps=args.refine_steps
+        )
         for line in _photo_warnings(ident):
             print(f"difflora predict: warning: {line}", file=sys.stderr)
         from weights.io import save_adapter
@@ -355,5 +424,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     left = [o["name"] for o in ident["outliers"]] + [f["name"] for f in ident["failed"]]
     note = f" (left out: {', '.join(left)})" if left else ""
     n_used, n_layers = len(ident["inliers"]), len(adapter.spec.layers)
-    print(f"adapter ({adapter.spec.method}, {n_layers} layers) from {n_used} photos{note} -> {args.out}")
+    refined = f", refined {args.refine_steps} steps in {ident['refine_seconds']:.2f} s" if args.refine_steps else ""
+    print(f"adapter ({adapter.spec.method}, {n_layers} layers) from {n_used} photos{note}{refined} -> {args.out}")
     return 0

@@ -15,14 +15,16 @@ from typing import Any
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "epsilon")
 AMP_MODES = ("auto", "bf16", "off")
-AE_KINDS = ("transformer", "linear")
+AE_KINDS = ("transformer", "linear", "basis")
 
 
 @dataclass
 class AutoencoderConfig:
     """DiffLoRA's weight autoencoder (LAE): adapter tokens (B, T, D) <-> latent tokens (B, T_lat, D_lat)."""
 
-    kind: str = "transformer"  # transformer (trained, DiffLoRA's LAE) | linear (closed-form face-predictable subspace)
+    # transformer (trained, DiffLoRA's LAE) | linear (closed-form face-predictable subspace) | basis (the tokens are
+    # an identity-basis code, hypernet/code_autoencoder.py: no autoencoder, the basis decodes; latent = tokens)
+    kind: str = "transformer"
     token_dim: int = 64  # D: entries per adapter token (set from the dataset)
     num_tokens: int = 32  # T: tokens per adapter (set from the dataset)
     num_layers: int = 8  # distinct layer ids, max id + 1 (set from the dataset)
@@ -37,6 +39,13 @@ class AutoencoderConfig:
     latent_noise: float = 0.05  # std of Gaussian noise added to the (unit-RMS) latent while training
     magnitude_weight: float = 1.0  # lambda in the loss weight w = 1 + lambda * |x_raw| / mean|x_raw|
     ridge: float = 1.0  # linear kind: ridge penalty of the face -> adapter regression that spans the latent
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(T_lat, D_lat) of the latent the denoiser generates (the token shape itself for the basis kind)."""
+        if self.kind == "basis":
+            return self.num_tokens, self.token_dim
+        return self.latent_tokens, self.latent_dim
 
     def __post_init__(self) -> None:
         _check_heads(self.hidden, self.heads, "autoencoder")
@@ -224,6 +233,8 @@ class HypernetConfig:
     def for_data(self, num_tokens: int, token_dim: int, num_layers: int, cond_dim: int) -> HypernetConfig:
         """A copy with the data-dependent sizes set."""
         ae = replace(self.autoencoder, num_tokens=num_tokens, token_dim=token_dim, num_layers=num_layers)
+        if ae.kind == "basis":  # the code tokens are the latent
+            ae = replace(ae, latent_tokens=num_tokens, latent_dim=token_dim)
         return replace(self, autoencoder=ae, denoiser=replace(self.denoiser, cond_dim=cond_dim))
 
 

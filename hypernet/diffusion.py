@@ -92,8 +92,12 @@ class GaussianDiffusion:
         ts = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
         return list(dict.fromkeys(ts))  # unique, descending
 
-    @torch.no_grad()
-    def ddim_sample(
+    def ddim_sample(self, model_fn: ModelFn, noise: Tensor, *args, **kw) -> Tensor:
+        """:meth:`ddim_loop` without autograd (inference)."""
+        with torch.no_grad():
+            return self.ddim_loop(model_fn, noise, *args, **kw)
+
+    def ddim_loop(
         self,
         model_fn: ModelFn,
         noise: Tensor,
@@ -101,7 +105,8 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generators: list[torch.Generator] | None = None,
     ) -> Tensor:
-        """DDIM (Song et al. 2021) from x_T = ``noise`` (B, ...) to x0 (B, ...).
+        """DDIM (Song et al. 2021) from x_T = ``noise`` (B, ...) to x0 (B, ...), autograd kept (the end-to-end
+        fine-tune backpropagates through the sampler; :meth:`ddim_sample` is the inference form).
 
         eta = 0 is deterministic; eta > 0 adds fresh noise each step, drawn row by row from ``generators``
         (one per batch row, so a row's result does not depend on the other rows).

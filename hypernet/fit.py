@@ -36,13 +36,23 @@ def train_on_dataset(
     """Train on the dataset's ``train`` identities (``val`` for validation; ``eval`` is never touched) and write
     the predictor files (:mod:`hypernet.predict`) into ``out_dir``. Returns the final validation metrics.
 
+    A codes dataset (``data build --method basis``, :mod:`hypernet.code_data`) trains the hypernet over codes
+    (autoencoder kind ``basis``; ``token_dim`` and ``canonicalize`` do not apply: the token shape follows K) and
+    writes the basis predictor's files (:mod:`hypernet.basis_predict`).
+
     ``overrides`` replace fields of the preset's train section; ``settings`` are ``section.field=value`` strings
     for any section (e.g. ``autoencoder.latent_tokens=8``)."""
+    from .code_data import is_code_dataset, load_code_dataset
     from .train import train
 
-    ds = load_adapter_dataset(
-        dataset_dir, token_dim=token_dim, splits=("train", "val"), min_gain=min_gain, canonicalize=canonicalize
-    )
+    codes = is_code_dataset(dataset_dir)
+    if codes:
+        ds = load_code_dataset(dataset_dir, splits=("train", "val"), min_gain=min_gain)
+        settings = ["autoencoder.kind=basis", *(settings or [])]
+    else:
+        ds = load_adapter_dataset(
+            dataset_dir, token_dim=token_dim, splits=("train", "val"), min_gain=min_gain, canonicalize=canonicalize
+        )
     train_set = ds.split("train")
     try:
         val_set = ds.split("val")
@@ -54,7 +64,12 @@ def train_on_dataset(
         cfg = replace(cfg, train=replace(cfg.train, **overrides))
     out = Path(out_dir)
     final = train(cfg, train_set, out, val_set=val_set, device=device, resume=resume, progress=progress)
-    save_adapter_meta(out, ds.layout, ds.spec, ds.template, ds.face_backend)
+    if codes:
+        from .basis_predict import save_basis_meta
+
+        save_basis_meta(out, ds.basis, ds.face_backend, ds.recipe.get("base", "tiny"), ds.recipe)
+    else:
+        save_adapter_meta(out, ds.layout, ds.spec, ds.template, ds.face_backend)
     from weights.atomic import atomic_write_bytes
 
     flags = recipe_flags(ds.recipe)

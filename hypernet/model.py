@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoencoder import WeightAutoencoder
+from .code_autoencoder import CodeAutoencoder
 from .config import HypernetConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
@@ -21,14 +22,16 @@ class HypernetModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         ae, dn = cfg.autoencoder, cfg.denoiser
-        self.autoencoder = WeightAutoencoder(ae) if ae.kind == "transformer" else LinearAutoencoder(ae)
-        self.denoiser = Denoiser(dn, ae.latent_tokens, ae.latent_dim)
+        kinds = {"transformer": WeightAutoencoder, "linear": LinearAutoencoder, "basis": CodeAutoencoder}
+        self.autoencoder = kinds[ae.kind](ae)
+        T_lat, D_lat = ae.latent_shape
+        self.denoiser = Denoiser(dn, T_lat, D_lat)
         T, D = ae.num_tokens, ae.token_dim
         self.register_buffer("mask", torch.ones(T, D, dtype=torch.bool))  # (T, D) real entries
         self.register_buffer("token_mean", torch.zeros(T, D))  # (T, D)
         self.register_buffer("token_std", torch.ones(T, D))  # (T, D)
         self.register_buffer("token_scale", torch.ones(()))  # () mean |x_raw|, for the magnitude weight
-        self.register_buffer("latent_mean", torch.zeros(ae.latent_tokens, ae.latent_dim))  # (T_lat, D_lat)
+        self.register_buffer("latent_mean", torch.zeros(T_lat, D_lat))  # (T_lat, D_lat)
         self.register_buffer("latent_std", torch.ones(()))  # ()
 
     def diffusion(self) -> GaussianDiffusion:

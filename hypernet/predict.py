@@ -112,7 +112,13 @@ class Predictor:
         """A trained predictor from a checkpoint directory (clear errors for missing files)."""
         from weights.formats.native import load_native
 
+        from .checkpoint import load_config
+
         d = Path(directory)
+        if (d / "config.json").is_file() and load_config(d).autoencoder.kind == "basis":
+            from .basis_predict import BasisPredictor  # codes of an identity basis (hypernet/basis_predict.py)
+
+            return BasisPredictor.load(d, device, **kw)
         for name in ("config.json", LAYOUT_NAME, TEMPLATE_NAME):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d} is not a hypernetwork checkpoint: {name} is missing")
@@ -169,6 +175,10 @@ class Predictor:
         d.mkdir(parents=True, exist_ok=True)
         save_config(self.hypernet.config, d)
         atomic_save_tensors(state_to_tensors(self.hypernet.model.state_dict()), d / EMA_NAME)
+        self._save_meta(d)
+
+    def _save_meta(self, d: Path) -> None:
+        """The files beside the checkpoint that turn its tokens into adapters."""
         save_adapter_meta(d, self.layout, self.spec, self.template, self.face_backend)
 
     # ---- prediction -------------------------------------------------------------------------------------------
@@ -190,20 +200,37 @@ class Predictor:
         cfg_scale: float | None = None, samples: int | None = None,
     ) -> list[Adapter]:  # fmt: skip
         """One adapter per identity (each a (P_i, E) array of its photos' embeddings), sampled as one batch."""
-        conds = [self._cond(e) for e in identities]
-        toks = self.hypernet.predict_tokens(
-            conds, steps=self.steps if steps is None else steps, seed=seed,
+        toks = self.predict_tokens(identities, seed=seed, steps=steps, cfg_scale=cfg_scale, samples=samples)
+        return [tokens_to_adapter(t, self.layout, self.spec, self.template) for t in toks]
+
+    def predict_tokens(
+        self, identities: Sequence[np.ndarray | Tensor], *, seed: int = 0, steps: int | None = None,
+        cfg_scale: float | None = None, samples: int | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Raw tokens (B, T, D) of B identities at the predictor's sampling options (None: its defaults)."""
+        return self.hypernet.predict_tokens(
+            [self._cond(e) for e in identities], steps=self.steps if steps is None else steps, seed=seed,
             cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
             samples=self.samples if samples is None else samples,
-        )  # (B, T, D)  # fmt: skip
-        return [tokens_to_adapter(t, self.layout, self.spec, self.template) for t in toks]
+        )  # fmt: skip
 
     def predict(self, embeddings: np.ndarray | Tensor, **kw) -> Adapter:
         """The adapter of one identity from its photos' face embeddings ((P, E) or (E,))."""
         return self.predict_batch([embeddings], **kw)[0]
 
-    def predict_photos(self, photos: Sequence, encoder=None, **kw) -> tuple[Adapter, dict]:
-        """Photos (paths, bytes or RGB arrays) -> (adapter, identity report). Outlier photos are left out."""
+    supports_refine = False  # refine (optimising the predicted code on the photos) needs an identity basis
+
+    def predict_photos(
+        self, photos: Sequence, encoder=None, *, refine_steps: int = 0, pipe=None, **kw
+    ) -> tuple[Adapter, dict]:
+        """Photos (paths, bytes or RGB arrays) -> (adapter, identity report). Outlier photos are left out.
+        ``refine_steps`` > 0 is a ValueError here: only basis predictors (hypernet.basis_predict) refine."""
+        if refine_steps:
+            raise ValueError(
+                f"refine needs a hypernet over identity-basis codes; this checkpoint predicts {self.spec.method} "
+                "adapters through a token layout (train one on a `data build --method basis` dataset)"
+            )
+        del pipe
         from pipeline_data.faces import get_encoder
         from pipeline_data.faces.identity import build_identity
 

@@ -67,16 +67,24 @@ class Hypernet:
         Every row starts from the noise of ``torch.Generator().manual_seed(seed)``, so a row's result depends only
         on its own photos and the seed, not on the rest of the batch (up to float rounding).
         """
+        return self.sample_latents(cond_embeddings, steps, cfg_scale, eta, seed)
+
+    def sample_latents(
+        self, cond_embeddings: list[Tensor], steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0,
+        seed: int = 0, noise: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """:meth:`predict_latents` with autograd kept (the end-to-end fine-tune); ``noise`` (B, T_lat, D_lat), if
+        given, replaces the seeded starting noise."""
         E = self.model.cfg.denoiser.cond_dim
         if any(c.ndim != 2 or c.shape[-1] != E for c in cond_embeddings):
             raise ValueError(f"condition sets must be (P_i, {E}); got {[tuple(c.shape) for c in cond_embeddings]}")
         cond, mask = pad_conditions([c.float() for c in cond_embeddings])  # (B, P, E), (B, P)
         cond, mask = cond.to(self.device), mask.to(self.device)
-        ae = self.model.cfg.autoencoder
         gens = [torch.Generator().manual_seed(seed) for _ in cond_embeddings]
-        noise = torch.stack(
-            [torch.randn(ae.latent_tokens, ae.latent_dim, generator=g) for g in gens]
-        )  # (B, T_lat, D_lat)
+        if noise is None:
+            noise = torch.stack(
+                [torch.randn(self.model.cfg.autoencoder.latent_shape, generator=g) for g in gens]
+            )  # (B, T_lat, D_lat)
         dn = self.model.denoiser
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -84,7 +92,7 @@ class Hypernet:
                 return dn(x, t, cond, mask)
             return dn.forward_with_cfg(x, t, cond, mask, cfg_scale)
 
-        return self.diffusion.ddim_sample(model_fn, noise.to(self.device), steps=steps, eta=eta, generators=gens)
+        return self.diffusion.ddim_loop(model_fn, noise.to(self.device), steps=steps, eta=eta, generators=gens)
 
     @torch.no_grad()
     def predict_tokens(

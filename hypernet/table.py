@@ -28,12 +28,19 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
     oracle_gain = np.array([per["oracle"][i]["sim"] for i in ids]) - base
     rows = {}
     gain_h = np.array([per["hypernet"][i]["sim"] for i in ids]) - base if "hypernet" in per else None
+    base_l = [per["base"][i].get("heldout_loss") for i in ids]
+    oracle_l = [per["oracle"][i].get("heldout_loss") for i in ids]
+    base_loss = np.array(base_l, dtype=float) if None not in base_l else None
+    oracle_loss = np.array(oracle_l, dtype=float) if None not in oracle_l else None
     for c in per:
         gain = np.array([per[c][i]["sim"] for i in ids]) - base
         recovery = ratio_ci(gain, oracle_gain)
         # the hypernet's recovery minus c's, paired over identities (the "above nearest neighbour" target)
         adv = ratio_ci(gain_h - gain, oracle_gain) if gain_h is not None and c != "hypernet" else None
         fidelity = mean_ci([per[c][i]["function_fidelity"] for i in ids])
+        loss = [per[c][i].get("heldout_loss") for i in ids]  # tables scored before the field have none
+        have = base_loss is not None and oracle_loss is not None and None not in loss
+        loss_gain = ratio_ci(base_loss - np.array(loss, dtype=float), base_loss - oracle_loss) if have else None
         held = [per[c][i].get("function_fidelity_heldout") for i in ids]
         held = mean_ci(held) if None not in held else None  # tables scored before the field have none
         rows[c] = {
@@ -49,6 +56,11 @@ def summarize_candidates(per: dict[str, dict[str, dict]], seconds: dict[str, flo
                     "function_cosine": float(np.mean([per[c][i]["function_cosine"] for i in ids])),
                 }
                 if held
+                else {}
+            ),
+            **(
+                {"heldout_loss_gain": loss_gain["mean"], "heldout_loss_gain_ci95": loss_gain["ci95"]}
+                if loss_gain
                 else {}
             ),
             "weight_cosine": float(np.mean([per[c][i]["weight_cosine"] for i in ids])),
@@ -67,6 +79,7 @@ def tabulate(per: dict, seconds: dict, cfg: Any) -> dict:
     return {
         "identity_recovery": h["identity_recovery"],
         "function_fidelity": h["function_fidelity"],
+        **({"heldout_loss_gain": h["heldout_loss_gain"]} if "heldout_loss_gain" in h else {}),
         "n_identities": len(per["oracle"]),
         "hypernet": h,
         "baselines": {c: rows[c] for c in rows if c in CANDIDATES and c != "hypernet"},

@@ -87,7 +87,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         cfg = cfg.for_data(train_set.num_tokens, train_set.token_dim, train_set.num_layers, train_set.cond_dim)
-        if cfg.autoencoder.kind == "linear":  # fitted in closed form below: no autoencoder steps
+        if cfg.autoencoder.kind in ("linear", "basis"):  # fitted in closed form below / nothing to fit: no steps
             cfg = replace(cfg, train=replace(cfg.train, ae_steps=0))
         self.cfg = cfg
         self.train_set, self.val_set = train_set, val_set
@@ -111,7 +111,9 @@ class Trainer:
         self.tokens = train_set.tokens.to(self.device)  # (N, T, D) raw
         self.gen = torch.Generator().manual_seed(tc.seed + 1)
         self.step, self.ae_done, self.latents = 0, False, None
-        if not self._fit_pending:
+        if cfg.autoencoder.kind == "basis":  # the codes are the latents: straight to the denoiser
+            self._finish_autoencoder()
+        elif not self._fit_pending:
             self.opt = self._make_optimizer()
 
     def _fit_linear_autoencoder(self) -> None:

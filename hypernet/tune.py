@@ -71,7 +71,7 @@ def tune_sampling(
     # one pass: base, oracle and every variant on the same identities and seeds (base/oracle generated once)
     ecfg = EvalConfig(
         seeds=seeds, limit=limit, split="val", baselines=(), cfg_scale=pairs[0][0], samples=pairs[0][1],
-        sample_steps=pairs[0][2], variants=tuple(pairs[1:]), progress=progress,
+        sample_steps=pairs[0][2], variants=tuple(pairs[1:]), progress=progress, refine_steps=(), refit=False,
     )  # fmt: skip
     res = evaluate(dataset_dir, checkpoint_dir, ecfg)
     scores = _option_scores(res, pairs)

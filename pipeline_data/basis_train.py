@@ -360,9 +360,11 @@ def fit_code(
     basis: IdentityBasis,
     *,
     prior: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
     progress: bool = False,
 ) -> CodeFitResult:
-    """Fit one identity's code to ``crops`` ((N, H, W, 3) uint8 aligned faces), the basis frozen, from c = 0.
+    """Fit one identity's code to ``crops`` ((N, H, W, 3) uint8 aligned faces), the basis frozen, from c = 0 (or
+    from ``init`` (K,): the hypernet's refine starts from its predicted code).
 
     The recipe's seed, steps, lr and batch (``adapter_train.optimise``); the UNet is never modified.
     """
@@ -375,7 +377,10 @@ def fit_code(
         {k: v.to(unet.device) for k, v in basis.down.items()},
         {k: v.to(unet.device) for k, v in basis.up.items()},
     )
-    code = torch.zeros(basis.num_directions, device=unet.device, requires_grad=True)
+    start = torch.zeros(basis.num_directions) if init is None else torch.as_tensor(init).detach().float().reshape(-1)
+    if start.numel() != basis.num_directions:
+        raise ValueError(f"init code has {start.numel()} values, the basis has K = {basis.num_directions}")
+    code = start.clone().to(unet.device).requires_grad_(True)
     rows = torch.zeros(cfg.batch_size, dtype=torch.long)  # every row of a step is this identity
 
     def adapter():

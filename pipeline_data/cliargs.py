@@ -118,6 +118,16 @@ def finite(value: float | None, flag: str, lo: float | None = None, hi: float | 
     return value
 
 
+MAX_REFINE_STEPS = 200  # refine's bound (CLI and service): ~0.2 s a step on the tiny model, so at most ~40 s
+
+
+def refine_steps(value: int, flag: str = "--refine-steps") -> int:
+    """A refine step count in 0 .. MAX_REFINE_STEPS (0: no refine)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REFINE_STEPS:
+        raise ValueError(f"{flag} must be an integer in 0 .. {MAX_REFINE_STEPS}, got {value!r}")
+    return value
+
+
 def seed(value: int, flag: str = "--seed") -> int:
     """A random seed in 0 .. 2**63 - 1 (what every generator here accepts, with room for ``seed + i``)."""
     if not 0 <= value <= MAX_SEED:

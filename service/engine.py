@@ -85,13 +85,15 @@ class GenParams:
 
 @dataclass
 class _Task:
-    kind: str  # "generate" | "predict"
+    kind: str  # "generate" | "predict" | "refine"
     future: cf.Future
     identity_id: str | None = None  # generate: None = base model
     params: GenParams | None = None
     prompts: list[str] = field(default_factory=list)  # one per image
     seeds: list[int] = field(default_factory=list)  # one per image
-    embeddings: np.ndarray | None = None  # predict: (P, E)
+    embeddings: np.ndarray | None = None  # predict/refine: (P, E)
+    crops: np.ndarray | None = None  # refine: (P, H, W, 3) aligned face crops at the pipeline's size
+    refine_steps: int = 0  # refine: code optimisation steps
     enqueued: float = field(default_factory=time.perf_counter)
     request_id: str | None = field(default_factory=current_request_id.get)  # X-Request-ID of the submitter
 
@@ -250,6 +252,14 @@ class Engine:
         """Future of the predicted :class:`Adapter` for one identity's (P, E) photo embeddings."""
         return self._submit(_Task("predict", cf.Future(), embeddings=np.asarray(embeddings, dtype=np.float32)))
 
+    def submit_refine(self, embeddings: np.ndarray, crops: np.ndarray, steps: int) -> cf.Future:
+        """Future of a ``hypernet.basis_predict.RefineResult``: the predicted code refined ``steps`` steps on the
+        photos' aligned ``crops`` (basis predictors only; runs alone, on the base UNet)."""
+        if not getattr(self.predictor, "supports_refine", False):
+            raise ValueError("refine needs a hypernet over identity-basis codes; this server's predicts LoRA tokens")
+        emb = np.asarray(embeddings, dtype=np.float32)
+        return self._submit(_Task("refine", cf.Future(), embeddings=emb, crops=crops, refine_steps=int(steps)))
+
     # ---- adapter cache ----------------------------------------------------------------------------------------
     def cache_put(self, identity_id: str, adapter: Adapter) -> None:
         with self._cv:
@@ -325,7 +335,7 @@ class Engine:
         with self._cv:
             batch, n = [first], first.images
             for t in list(self._q):
-                fits = t.kind == first.kind and (t.kind == "predict" or self._fits(first, t, n))
+                fits = t.kind == first.kind != "refine" and (t.kind == "predict" or self._fits(first, t, n))
                 if fits:
                     self._q.remove(t)
                     batch.append(t)
@@ -353,6 +363,8 @@ class Engine:
                 if live:
                     if live[0].kind == "predict":
                         self._run_predict(live)
+                    elif live[0].kind == "refine":
+                        self._run_refine(live)
                     else:
                         self._run_generate(live)
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
@@ -374,6 +386,15 @@ class Engine:
         self.metrics.predict_seconds.observe(time.perf_counter() - t0)
         for t, a in zip(tasks, adapters):
             t.future.set_result(a)
+
+    def _run_refine(self, tasks: list[_Task]) -> None:
+        self._set_adapter(None, 0.0)  # the code is fitted on the base UNet (per-sample hooks, nothing merged)
+        for t in tasks:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                code = self.predictor.predict_codes([t.embeddings], seed=self.predict_seed)[0]
+            t.future.set_result(self.predictor.refine(self.pipe, t.crops, code, t.refine_steps))
+            self.metrics.predict_seconds.observe(time.perf_counter() - t0)
 
     def _set_adapter(self, identity_id: str | None, scale: float) -> None:
         want = None if identity_id is None or scale == 0 else (identity_id, float(scale))

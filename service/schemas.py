@@ -59,7 +59,7 @@ class IdentityPublic(BaseModel):
     face_backend: str
     adapter: dict = Field(description="method, rank, layers, parameters of the predicted adapter")
     predictor_trained: bool
-    seconds: dict[str, float] = Field(description="faces / predict / store / total")
+    seconds: dict[str, float] = Field(description="faces / predict / store / total (/ refine, with refine_steps)")
 
 
 class IdentityList(BaseModel):

@@ -55,3 +55,15 @@ def database_url(request, tmp_path_factory) -> str | None:
 
     srv = request.getfixturevalue("postgres_server")
     return fresh_database(srv.url, f"t_{secrets.token_hex(6)}")
+
+
+@pytest.fixture(scope="session")
+def basis_world(tmp_path_factory) -> dict[str, Path]:
+    """``{"basis", "dataset", "hypernet"}``: a tiny identity basis, a 3-identity codes dataset fitted in it and a
+    hypernet trained on its codes (tests/utils/basis_world.py)."""
+    from tests.utils.basis_world import make_basis, make_codes_dataset, make_hypernet
+
+    root = tmp_path_factory.mktemp("basis_world")
+    basis = make_basis(root / "basis")
+    dataset = make_codes_dataset(basis, root / "dataset")
+    return {"basis": basis, "dataset": dataset, "hypernet": make_hypernet(dataset, root / "hypernet")}

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from pipeline_data.cliargs import MAX_REFINE_STEPS
 from weights.atomic import atomic_write_bytes
 
 from ..deps import (
@@ -66,10 +67,11 @@ def reencode_photo(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
+def _embed(state: ServiceState, datas: list[bytes], names: list[str], crop_size: int = 0):
     """Decode + embed every photo and build the identity (worker thread; the face models are CPU code).
 
-    Returns ``(identity, aligned face chips, re-encoded photos)``, the last two keyed by inlier index."""
+    Returns ``(identity, aligned face chips, re-encoded photos, refine crops)``, the chips and photos keyed by inlier
+    index; the refine crops ((P, S, S, 3), inlier order) only with a ``crop_size`` S, else None."""
     from pipeline_data.faces.identity import build_identity
     from pipeline_data.images import ImageDecodeError, decode_image
 
@@ -90,7 +92,11 @@ def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
     ident = build_identity(enc, [b""] * len(datas), names=names, results=results)
     chips = {i: enc.align(rgbs[i], ident.photos[i].result.face, size=FACE_SIZE) for i in ident.inliers}
     clean = {i: reencode_photo(rgbs[i]) for i in ident.inliers}
-    return ident, chips, clean
+    crops = None
+    if crop_size and ident.inliers:
+        faces = [ident.photos[i].result.face for i in ident.inliers]
+        crops = state.engine.predictor.crops(enc, [rgbs[i] for i in ident.inliers], faces, crop_size)
+    return ident, chips, clean, crops
 
 
 def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str]) -> list[dict]:
@@ -191,14 +197,20 @@ async def create_identity(
     photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
     name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
     idempotency_key: IdempotencyKey = None,
-):
-    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it. A replay
-    with the same ``Idempotency-Key`` and the same photos and name returns the identity it made (200); with another
-    request, 409."""
+    refine_steps: Annotated[
+        int, Form(ge=0, le=MAX_REFINE_STEPS, description="refine the predicted code on the photos (basis predictors)")
+    ] = 0,
+) -> IdentityPublic:
+    """Embed the faces, drop photos with no face or of someone else, predict the adapter (optionally refined on the
+    photos) and store it. A replay with the same ``Idempotency-Key`` and the same photos, name and refine steps
+    returns the identity it made (200); with another request, 409."""
     s = state.settings
     if len(photos) > s.max_photos:
         msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
         raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])
+    if refine_steps and not getattr(engine.predictor, "supports_refine", False):
+        msg = "refine needs a hypernet over identity-basis codes; this server's predicts LoRA tokens"
+        raise ApiError(422, "refine_unsupported", msg, details=[{"field": "refine_steps", "message": msg}])
     if state.uploads >= s.max_pending_uploads:  # decoded photos are large: bound the uploads held at once
         msg = f"{state.uploads} photo uploads are already being processed; retry shortly"
         raise ApiError(429, "queue_full", msg, headers={"Retry-After": "2"})
@@ -209,7 +221,8 @@ async def create_identity(
         t0 = time.perf_counter()
         datas = [await f.read() for f in photos]
         filenames = [_clean_name(f.filename) for f in photos]
-        digest = upload_hash(name, datas) if idempotency_key is not None else None
+        tag = f"{name}\0refine_steps={refine_steps}" if refine_steps else name  # a refined upload is another request
+        digest = upload_hash(tag, datas) if idempotency_key is not None else None
         if digest is not None:
             try:
                 found = state.storage.identity_for_key(tenant.name, idempotency_key, digest)
@@ -217,8 +230,10 @@ async def create_identity(
                 raise idempotency_mismatch() from None
             if found is not None:
                 return _replay(state, found)
-        ident, chips, clean = await anyio.to_thread.run_sync(
-            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], limiter=state.face_limiter
+        unet = engine.pipe.unet
+        size = unet.config.sample_size * engine.pipe.vae_scale_factor if refine_steps else 0
+        ident, chips, clean, crops = await anyio.to_thread.run_sync(
+            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], size, limiter=state.face_limiter
         )
         del datas  # the client's bytes are never stored
     finally:
@@ -232,8 +247,13 @@ async def create_identity(
         )  # fmt: skip
     embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers]).astype(np.float32)  # (P, E)
     t1 = time.perf_counter()
-    adapter = await wait_for(submit(engine.submit_predict, embs))
-    t_pred = time.perf_counter() - t1
+    t_refine = None
+    if refine_steps:
+        res = await wait_for(submit(engine.submit_refine, embs, crops, refine_steps))
+        adapter, t_refine = res.adapter, res.seconds
+    else:
+        adapter = await wait_for(submit(engine.submit_predict, embs))
+    t_pred = time.perf_counter() - t1 - (t_refine or 0.0)
     identity_id = new_id("idt")
     rows = _photo_rows(ident, chips, identity_id, filenames)
     spec = adapter.spec
@@ -250,6 +270,9 @@ async def create_identity(
         "predictor_trained": state.predictor_trained,
         "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
     }  # fmt: skip
+    if t_refine is not None:
+        info["seconds"]["refine"] = round(t_refine, 4)
+        info["refine_steps"] = refine_steps
     rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs), tenant=tenant.name)
     try:
         stored, created = await anyio.to_thread.run_sync(

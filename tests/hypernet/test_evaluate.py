@@ -189,7 +189,9 @@ def test_score_candidates_is_pinned_by_the_oracle(eval_setup) -> None:
     assert res["copy"]["weight_cosine"] == pytest.approx(1) and res["base"]["weight_cosine"] == 0.0
     assert set(res["base"]) == {
         "sim", "function_fidelity", "function_fidelity_heldout", "function_cosine", "weight_cosine", "no_face",
+        "heldout_loss",
     }  # fmt: skip
+    assert res["copy"]["heldout_loss"] == res["oracle"]["heldout_loss"] != res["base"]["heldout_loss"]
     # the cosine sees the direction of the effect, fidelity also its size (about 4x too large here)
     assert res["doubled"]["function_cosine"] > 0.9 and res["doubled"]["function_fidelity"] < 0
     # generations made once are reused (bench/probes/fidelity_ceiling.py scores one set against two references):
