@@ -88,7 +88,7 @@ def _bad_args(args: argparse.Namespace) -> str | None:
         return f"{_REQUEST_FLAGS[err['loc'][0]]}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']}"
     except ValueError as e:
         return str(e)
-    top = PRESET_SIZES[args.preset][1]
+    top = PRESET_SIZES[args.preset][0]
     if args.size is not None and not (8 <= args.size <= top and args.size % 8 == 0):
         return f"--size must be a multiple of 8 in 8..{top} for the {args.preset} preset, got {args.size}"
     try:  # on a Ray cluster the device must exist on the workers, not on the driver

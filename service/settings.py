@@ -16,11 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_HYPERNET = REPO_ROOT / "assets" / "tiny" / "hypernet"  # committed tiny predictor checkpoint (when present)
 
-# preset -> (default image side, largest side allowed, default steps)
-PRESET_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (64, 256, 20),
-    "sd15": (512, 1024, 30),
-    "sdxl": (1024, 1536, 30),
+# preset -> (largest image side allowed, default steps); the default side is the loaded model's own resolution
+PRESET_SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (256, 20),
+    "sd15": (1024, 30),
+    "sdxl": (1536, 30),
 }
 
 
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     # delete identities (photos, faces, adapter, rows) unused (no generation or job item) for this long; None: keep
     identity_retention_s: float | None = Field(None, ge=1, le=100 * 365 * 86400)
     default_steps: int | None = Field(None, ge=1)  # default: per preset
-    default_size: int | None = Field(None, ge=8)  # default: per preset
+    default_size: int | None = Field(None, ge=8)  # default: the base model's own resolution (set when it loads)
 
     @field_validator("database_url")
     @classmethod
@@ -143,16 +143,21 @@ class Settings(BaseSettings):
             )
         if self.api_key is not None and len(self.api_key.get_secret_value()) < 8:
             raise ValueError("api_key must be at least 8 characters")
-        size, top, steps = PRESET_SIZES[self.preset]
+        top, steps = PRESET_SIZES[self.preset]
         if self.max_size is None:
             self.max_size = top
-        if self.default_size is None:
-            self.default_size = min(size, self.max_size)
         if self.default_steps is None:
             self.default_steps = min(steps, self.max_steps)
-        if self.default_size > self.max_size or self.default_steps > self.max_steps:
+        if (self.default_size or 0) > self.max_size or self.default_steps > self.max_steps:
             raise ValueError("default_size/default_steps exceed max_size/max_steps")
         return self
+
+    def use_model_size(self, native: int) -> int:
+        """Fill ``default_size`` from the loaded model's own resolution (``native`` pixels) unless it was set;
+        returns it. Never assumes a preset's size: a 128-px tiny base generates 128-px images by default."""
+        if self.default_size is None:
+            self.default_size = min(native, self.max_size)
+        return self.default_size
 
     def keyring(self):
         """The API keys (``service.tenants.KeyRing``): the shared ``api_key`` and the keys file's."""

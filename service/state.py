@@ -78,6 +78,7 @@ class ServiceState:
         cfg = pipe.unet.config
         self.kohya_arch = "sdxl" if getattr(cfg, "addition_embed_type", None) == "text_time" else "sd15"
         self.layers_per_block = int(cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else 2)
+        s.use_model_size(cfg.sample_size * pipe.vae_scale_factor)  # the model's own resolution, not the preset's
         self.timings["pipeline_load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -15,8 +15,19 @@ def test_env_vars(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFLORA_CORS_ORIGINS", '["http://localhost:3000"]')
     s = Settings()
     assert (s.queue_size, s.preset, s.data_dir, s.cors_origins) == (7, "sd15", tmp_path, ["http://localhost:3000"])
-    assert (s.default_size, s.max_size, s.max_photos) == (512, 1024, 10)
+    assert (s.default_size, s.max_size, s.max_photos) == (None, 1024, 10)  # the size comes from the model
     assert Settings(queue_size=3).queue_size == 3  # explicit beats the environment
+
+
+@pytest.mark.parametrize(
+    ("kw", "native", "expected"),
+    [({}, 64, 64), ({}, 128, 128), ({"default_size": 96}, 128, 96), ({"max_size": 100}, 128, 100),
+     ({"preset": "sd15"}, 512, 512), ({"preset": "sdxl"}, 1024, 1024)],
+)  # fmt: skip
+def test_default_size_is_the_models_own_resolution(kw, native, expected):
+    s = Settings(**kw)
+    assert s.use_model_size(native) == expected == s.default_size
+    assert s.use_model_size(native * 2) == expected  # filled once: a later call does not move it
 
 
 @pytest.mark.parametrize(
