@@ -51,15 +51,21 @@ class ExportInfo:
 
     def __post_init__(self) -> None:
         for name in ("title", "trigger", "caption", "base_model", "made_by"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or len(v) > MAX_TEXT or not _PRINTABLE.match(v):
-                raise ValueError(f"{name} must be printable text of at most {MAX_TEXT} characters, got {v!r:.80}")
+            check_text(getattr(self, name), name)
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         for name in ("resolution", "num_images", "steps"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 1 <= v <= 1_000_000):
                 raise ValueError(f"{name} must be an integer in 1..1000000, got {v!r}")
+
+
+def check_text(value: str | None, name: str) -> str | None:
+    """``value`` if it is None or printable text of at most :data:`MAX_TEXT` characters, else a ValueError naming
+    ``name`` (a field, or a CLI flag such as ``--trigger``)."""
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT or not _PRINTABLE.match(value)):
+        raise ValueError(f"{name} must be printable text of at most {MAX_TEXT} characters, got {str(value)[:60]!r}")
+    return value
 
 
 def trigger_of(caption: str, class_prompt: str) -> str:
@@ -166,6 +172,7 @@ def for_adapter(info: ExportInfo | None, base_model: str) -> ExportInfo:
 
 __all__ = [
     "ARCHS",
+    "check_text",
     "ExportInfo",
     "for_adapter",
     "read_export_info",
