@@ -154,8 +154,9 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
             adapter = eng.submit_predict(embs).result()
             dest.mkdir(parents=True, exist_ok=True)
-            save_adapter(adapter, dest / "adapter.safetensors", "native")
-            save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers")
+            info = state.export_info(name, len(ident.inliers), f"difflora prediction ({state.base_model})")
+            save_adapter(adapter, dest / "adapter.safetensors", "native", info=info)
+            save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers", info=info)
             eng.cache_put(name, adapter.to(eng.device))
             n = args.num_images
             futs = [

@@ -10,12 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hypernet.personalizer import SCALE_RANGE
+
 from .engine import SCHEDULERS
 
 SchedulerName = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "lms"]
 assert set(SchedulerName.__args__) == set(SCHEDULERS)  # noqa: S101 - keep the enum and the engine in step
 
 MAX_SEED = 2**32 - 1
+ExportFormat = Literal["diffusers", "kohya", "peft", "native"]  # adapter download formats (docs/exports.md)
+EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 
 
 class ErrorBody(BaseModel):
@@ -57,6 +61,10 @@ class IdentityPublic(BaseModel):
     adapter: dict = Field(description="method, rank, layers, parameters of the predicted adapter")
     predictor_trained: bool
     seconds: dict[str, float] = Field(description="faces / predict / store / total")
+    trigger: str = Field("", description="the phrase prompts must contain", examples=["sks person"])
+    prompt: str = Field("", description="a prompt that works", examples=["a photo of sks person"])
+    made_by: str = Field("prediction", description="how the adapter was made: prediction | fine-tune")
+    downloads: dict[str, str] = Field(default_factory=dict, description="adapter file URL per format")
 
 
 # ---- generations --------------------------------------------------------------------------------------------------
@@ -69,7 +77,9 @@ class GenerationSettings(BaseModel):
     negative_prompt: str = Field("", max_length=1000)
     steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (server limit applies)")
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
-    adapter_scale: float = Field(1.0, ge=-2.0, le=3.0, description="LoRA scale λ (0 = base model)")
+    adapter_scale: float = Field(
+        1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1], description="LoRA scale λ (0 = base model)"
+    )
     width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
     height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
     scheduler: SchedulerName = "default"

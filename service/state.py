@@ -27,6 +27,7 @@ class ServiceState:
     engine: Engine | None = None  # set once the models are loaded
     encoder: Any = None  # FaceEncoder
     predictor_trained: bool = False
+    recipe: Any = None  # pipeline_data.recipe.BuildConfig of the predictor's dataset (caption / trigger phrase)
     base_model: str = ""  # id of the loaded base model
     kohya_arch: str = "sd15"
     layers_per_block: int = 2
@@ -113,10 +114,22 @@ class ServiceState:
             self.engine.submit_predict(emb).result()
             self.timings["warmup"] = time.perf_counter() - t0
 
+    def export_info(self, title: str, num_images: int | None, made_by: str):
+        """What this server's adapter downloads say about themselves (weights.formats.metadata.ExportInfo)."""
+        from weights.formats.metadata import ExportInfo
+
+        r = self.recipe
+        return ExportInfo(
+            title=title[:200], trigger=r.trigger, caption=r.caption, arch=self.kohya_arch,
+            base_model=self.base_model[:200], resolution=self.settings.default_size, num_images=num_images,
+            made_by=made_by,
+        )  # fmt: skip
+
     def _load_predictor(self, pipe: Any) -> Any:
-        from hypernet.predict import Predictor
+        from hypernet.predict import Predictor, load_recipe
 
         d = self.settings.hypernet_dir
+        self.recipe = load_recipe(d, self.settings.preset)
         if d is not None and (d / "config.json").is_file():
             pred = Predictor.load(d, device=self.settings.device)
             self.predictor_trained = True

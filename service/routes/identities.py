@@ -7,7 +7,7 @@ import re
 import shutil
 import time
 import zipfile
-from typing import Annotated, Literal
+from typing import Annotated
 
 import anyio
 import numpy as np
@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response
 
 from ..deps import EngineDep, StateDep, submit, wait_for
 from ..errors import ApiError
-from ..schemas import ErrorResponse, IdentityPublic, PhotoPublic
+from ..schemas import EXPORT_FORMATS, ErrorResponse, ExportFormat, IdentityPublic, PhotoPublic
 from ..state import ServiceState
 from ..storage import IdentityRecord, atomic_write, new_id
 
@@ -180,6 +180,7 @@ async def create_identity(
             "base_model": spec.base_model, "spec_hash": spec.hash(),
         },
         "predictor_trained": state.predictor_trained,
+        "trigger": state.recipe.trigger, "prompt": state.recipe.caption,
         "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
     }  # fmt: skip
     rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
@@ -197,6 +198,8 @@ def _public(rec: IdentityRecord) -> IdentityPublic:
         photos_rejected=len(photos) - used, consistency=info["consistency"], consistent=info["consistent"],
         warnings=info["warnings"], face_backend=info["face_backend"], adapter=info["adapter"],
         predictor_trained=info["predictor_trained"], seconds=info.get("seconds", {}),
+        trigger=info.get("trigger", ""), prompt=info.get("prompt", ""), made_by=info.get("made_by", "prediction"),
+        downloads={f: f"/v1/identities/{rec.id}/adapter?format={f}" for f in EXPORT_FORMATS},
     )  # fmt: skip
 
 
@@ -236,28 +239,21 @@ async def get_face(identity_id: str, index: Annotated[int, Path(ge=0, le=1000)],
     return FileResponse(path, media_type="image/png")
 
 
-def _export(state: ServiceState, identity_id: str, fmt: str) -> tuple[bytes, str, str]:
+def _export(state: ServiceState, rec: IdentityRecord, fmt: str) -> tuple[bytes, str, str]:
+    """The identity's adapter as ``fmt`` with its title, trigger phrase and training metadata (docs/exports.md)."""
     from weights.formats.native import load_native
     from weights.io import save_adapter
 
-    path = state.storage.adapter_path(identity_id)
-    if fmt == "native":
-        return path.read_bytes(), "application/octet-stream", "safetensors"
-    adapter = load_native(path)
+    adapter = load_native(state.storage.adapter_path(rec.id))
+    how = f"difflora {rec.info.get('made_by', 'prediction')} ({state.base_model})"
+    info = state.export_info(rec.name or rec.id, rec.num_embeddings or None, how)
     staged = state.storage.staging_dir()
     try:
-        if fmt == "diffusers":
-            save_adapter(adapter, staged / "pytorch_lora_weights.safetensors", "diffusers")
-            return (
-                (staged / "pytorch_lora_weights.safetensors").read_bytes(),
-                "application/octet-stream",
-                "safetensors",
-            )
-        if fmt == "kohya":
-            save_adapter(adapter, staged / "k.safetensors", "kohya", arch=state.kohya_arch,
-                         layers_per_block=state.layers_per_block)  # fmt: skip
-            return (staged / "k.safetensors").read_bytes(), "application/octet-stream", "safetensors"
-        save_adapter(adapter, staged / "peft", "peft")
+        if fmt in ("native", "diffusers", "kohya"):
+            kw = {"arch": state.kohya_arch, "layers_per_block": state.layers_per_block} if fmt == "kohya" else {}
+            save_adapter(adapter, staged / "a.safetensors", fmt, info=info, **kw)
+            return (staged / "a.safetensors").read_bytes(), "application/octet-stream", "safetensors"
+        save_adapter(adapter, staged / "peft", "peft", info=info)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
             for f in sorted((staged / "peft").iterdir()):
@@ -275,11 +271,14 @@ def _export(state: ServiceState, identity_id: str, fmt: str) -> tuple[bytes, str
 async def download_adapter(
     identity_id: str,
     state: StateDep,
-    format: Annotated[Literal["diffusers", "kohya", "peft", "native"], Query(description="file format")] = "diffusers",
+    format: Annotated[ExportFormat, Query(description="file format (docs/exports.md says which tool wants which)")] = (
+        "diffusers"
+    ),
 ) -> Response:
-    """The predicted adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (A1111/ComfyUI), peft (a zip
-    with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method)."""
-    _get(state, identity_id)
-    data, media, ext = await anyio.to_thread.run_sync(_export, state, identity_id, format)
+    """The adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (ComfyUI, AUTOMATIC1111/Forge), peft (a
+    zip with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method). Every file
+    carries the trigger phrase and the kohya ``ss_*`` / SAI ``modelspec.*`` metadata (docs/exports.md)."""
+    rec = _get(state, identity_id)
+    data, media, ext = await anyio.to_thread.run_sync(_export, state, rec, format)
     fname = f"{identity_id}-{format}.{ext}"
     return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{fname}"'})
