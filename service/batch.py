@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-photos", type=int, default=10, help="photos read per identity")
     p.add_argument("--ray-address", help="fan identities out over a Ray cluster ('auto', 'local' or host:port)")
     p.add_argument("--ray-workers", type=int, default=2, help="Ray tasks (each loads the models once)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -139,9 +140,15 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
     eng, enc = state.engine, state.encoder
     params = GenParams(steps=s.default_steps, width=s.default_size, height=s.default_size,
                        guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale)  # fmt: skip
+    from tqdm.auto import tqdm
+
     out, lines = Path(args.out), []
+    # one bar over identities x prompts (the images), on stderr; Ray tasks run without one (their logs interleave)
+    bar = tqdm(total=len(folders) * len(prompts), desc="batch", unit="prompt", file=sys.stderr,
+               disable=not getattr(args, "progress", True))  # fmt: skip
     try:
         for folder in map(Path, folders):
+            bar.set_postfix_str(folder.name[:40])
             t0 = time.perf_counter()
             name = _safe(folder.name)
             dest = out / name
@@ -150,6 +157,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             line = {"identity": name, "photos": len(photos), "used": len(ident.inliers)}
             if not ident.inliers:
                 lines.append({**line, "ok": False, "error": "no usable face in the photos"})
+                bar.update(len(prompts))
                 continue
             embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
             adapter = eng.submit_predict(embs).result()
@@ -168,6 +176,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
                 for k, png in enumerate(encode_png(f.result().images)):
                     atomic_write(dest / f"{i:03d}-{k}.png", png)
                     images.append(f"{name}/{i:03d}-{k}.png")
+                bar.update(1)
             line.update(
                 ok=True,
                 consistency=round(float(ident.consistency), 4),
@@ -180,6 +189,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             )
             lines.append(line)
     finally:
+        bar.close()
         eng.stop()
         state.storage.close()
         shutil.rmtree(s.data_dir, ignore_errors=True)
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     try:
+        args.progress = not args.no_progress and not args.ray_address
         lines = _run_ray(args, todo, prompts) if args.ray_address else run_identities(args, todo, prompts)
     except (ValueError, OSError, RuntimeError) as e:
         from .main import _one_line

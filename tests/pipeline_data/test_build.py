@@ -271,3 +271,18 @@ def test_shipped_dataset_records_resolve_outside_the_repository(
     monkeypatch.chdir(tmp_path)
     src = record_source(rec, ds)
     assert src.is_dir() and all((src / name).is_file() for name in rec["photos_used"] + rec["heldout"]), src
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_data_check_shows_a_progress_bar(tiny_dataset: Path, tmp_path: Path, capsys, no_progress: bool) -> None:
+    import shutil
+
+    from pipeline_data.cli import main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)  # the check writes its figures into the records: not into the shared one
+    argv = ["check", str(ds), "--seeds", "1"] + (["--no-progress"] if no_progress else [])
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert "identity check on 3 identities" in cap.out
+    assert ("identity check: 100%" in cap.err and "4/4 [" in cap.err) != no_progress  # base model + 3 adapters
