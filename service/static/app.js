@@ -61,9 +61,7 @@ $("create").addEventListener("click", async () => {
   if ($("name").value) form.append("name", $("name").value);
   try {
     const idt = await api("/v1/identities", { method: "POST", body: form });
-    identityId = idt.id;
-    info.textContent = `identity ${idt.id}: ${idt.photos_used} photo(s) used, ${idt.photos_rejected} rejected, ` +
-      `consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s`;
+    showIdentity(idt);
     for (const p of idt.photos) {
       const src = p.face_url ? await imageUrl(p.face_url) : null;
       const why = p.accepted ? "accepted" : `${p.code}: ${p.reason || ""}`;
@@ -75,6 +73,67 @@ $("create").addEventListener("click", async () => {
       if (p.index !== undefined) $("faces").append(figure(null, `${p.filename}: ${p.code} ${p.reason || ""}`, true));
     }
   }
+});
+
+function showIdentity(idt) {
+  identityId = idt.id;
+  $("identity-info").textContent = `identity ${idt.id}: ${idt.photos_used} photo(s) used, ${idt.photos_rejected} ` +
+    `rejected, consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s` +
+    (idt.trigger ? ` — prompt with "${idt.trigger}"` : "");
+  if (idt.prompt) { $("prompt").value = idt.prompt; $("compare-prompt").value = idt.prompt; }
+  $("downloads").hidden = false;
+}
+
+// adapter downloads: fetched with the key header, saved through a blob URL
+for (const b of document.querySelectorAll("button.download")) {
+  b.addEventListener("click", async () => {
+    const info = $("download-info");
+    info.className = "info";
+    if (!identityId) { info.textContent = "create an identity first"; return; }
+    try {
+      const blob = await api(`/v1/identities/${identityId}/adapter?format=${b.dataset.format}`);
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(blob);
+      a.download = `${identityId}-${b.dataset.format}.${b.dataset.format === "peft" ? "zip" : "safetensors"}`;
+      document.body.append(a); a.click(); a.remove();
+      info.textContent = `${b.dataset.format}: ${(blob.size / 1024).toFixed(1)} KiB`;
+    } catch (e) { showError(info, e); }
+  });
+}
+
+$("compare-scale").addEventListener("input", () => {
+  $("compare-scale-value").textContent = Number($("compare-scale").value).toFixed(1);
+});
+
+function cell(child) { const td = document.createElement("td"); td.append(child); return td; }
+function pic(png, alt) { const i = document.createElement("img"); i.src = `data:image/png;base64,${png}`; i.alt = alt; return i; }
+
+$("compare").addEventListener("click", async () => {
+  const info = $("compare-info");
+  info.className = "info";
+  if (!identityId) { info.textContent = "create an identity first"; return; }
+  const n = Math.min(4, Math.max(1, num("compare-seeds") || 1));
+  const scale = Number($("compare-scale").value);
+  const base = { prompt: $("compare-prompt").value, seed: num("compare-seed") ?? 0, num_images: n };
+  const json = { "Content-Type": "application/json", Accept: "application/json" };
+  info.textContent = `generating ${n} seed(s) with the base model and at scale ${scale.toFixed(1)}…`;
+  try {
+    const [b, p] = await Promise.all([
+      api("/v1/generations", { method: "POST", body: JSON.stringify(base), headers: json }),
+      api("/v1/generations", { method: "POST", headers: json,
+        body: JSON.stringify({ ...base, identity_id: identityId, adapter_scale: scale }) }),
+    ]);
+    $("compare-head").textContent = `personalized (scale ${scale.toFixed(1)})`;
+    $("compare-rows").replaceChildren(...b.images.map((im, i) => {
+      const tr = document.createElement("tr");
+      tr.append(cell(document.createTextNode(String(im.seed))), cell(pic(im.png_base64, `base, seed ${im.seed}`)),
+        cell(pic(p.images[i].png_base64, `personalized, seed ${im.seed}`)));
+      return tr;
+    }));
+    $("compare-table").hidden = false;
+    info.textContent = `seeds ${b.images.map((im) => im.seed).join(", ")}: base ${b.seconds.total.toFixed(2)} s, ` +
+      `personalized ${p.seconds.total.toFixed(2)} s`;
+  } catch (e) { showError(info, e); }
 });
 
 function num(id) { const v = $(id).value; return v === "" ? undefined : Number(v); }
