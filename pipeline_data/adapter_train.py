@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,10 +109,15 @@ def train_identity(
     base_model: str,
     prior: torch.Tensor | None = None,
     progress: bool = False,
+    init: Adapter | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fit one adapter to ``crops`` ((N, H, W, 3) uint8 aligned faces) with the recipe's fixed seed and schedule.
 
-    The UNet is modified only for the duration of the call (wrapped, trained, unwrapped).
+    ``init``: start from this adapter (e.g. a hypernet's prediction; same method and layers) instead of the
+    method's initialisation. ``on_step(step, loss)`` is called after every step (an exception it raises stops the
+    training, the UNet is still restored). The UNet is modified only for the duration of the call (wrapped,
+    trained, unwrapped).
     """
     t0 = time.perf_counter()
     unet = pipe.unet
@@ -131,7 +137,15 @@ def train_identity(
     losses: list[float] = []
     step_seconds: list[float] = []
     was_training = unet.training
-    spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
+    want = cfg.adapter_spec(base_model)
+    if init is not None:
+        init = init.to("cpu", torch.float32)
+        if init.spec.method != want.method or init.spec.rank != want.rank:
+            raise ValueError(
+                f"the initial adapter is {init.spec.method} rank {init.spec.rank}, the recipe trains {want.method} "
+                f"rank {want.rank}"
+            )
+    spec = inject_adapter(unet, want, adapter=init, generator=torch.Generator("cpu").manual_seed(cfg.seed))
     try:  # from here on the adapter is removed whatever happens: the UNet is shared by every later identity
         from tqdm.auto import tqdm
 
@@ -165,6 +179,8 @@ def train_identity(
                 raise FloatingPointError(f"training loss became {lv} at step {step}")
             losses.append(lv)
             step_seconds.append(time.perf_counter() - t_step)
+            if on_step is not None:
+                on_step(step, lv)
     finally:
         adapter = remove_adapter(unet)
         unet.train(was_training)

@@ -71,13 +71,14 @@ class GenParams:
 
 @dataclass
 class _Task:
-    kind: str  # "generate" | "predict"
+    kind: str  # "generate" | "predict" | "call"
     future: cf.Future
     identity_id: str | None = None  # generate: None = base model
     params: GenParams | None = None
     prompts: list[str] = field(default_factory=list)  # one per image
     seeds: list[int] = field(default_factory=list)  # one per image
     embeddings: np.ndarray | None = None  # predict: (P, E)
+    fn: Callable[[Any], Any] | None = None  # call: fn(pipe), run alone with the base model's weights
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -213,7 +214,14 @@ class Engine:
 
     def submit_predict(self, embeddings: np.ndarray) -> cf.Future:
         """Future of the predicted :class:`Adapter` for one identity's (P, E) photo embeddings."""
+        if self.predictor is None:
+            raise RuntimeError("this server has no hypernetwork (predictor 'none'): adapters are made by fine-tuning")
         return self._submit(_Task("predict", cf.Future(), embeddings=np.asarray(embeddings, dtype=np.float32)))
+
+    def submit_call(self, fn: Callable[[Any], Any]) -> cf.Future:
+        """Future of ``fn(pipe)`` run on the worker with the base model's weights (any merged adapter restored
+        first), alone: e.g. fine-tuning an adapter, which wraps the UNet's layers for its duration."""
+        return self._submit(_Task("call", cf.Future(), fn=fn))
 
     # ---- adapter cache ----------------------------------------------------------------------------------------
     def cache_put(self, identity_id: str, adapter: Adapter) -> None:
@@ -259,7 +267,7 @@ class Engine:
         with self._cv:
             batch, n = [first], first.images
             for t in list(self._q):
-                fits = t.kind == first.kind and (
+                fits = t.kind == first.kind and t.kind != "call" and (
                     t.kind == "predict"
                     or (t.identity_id == first.identity_id and t.params == first.params
                         and n + t.images <= self.max_batch_images)
@@ -284,6 +292,8 @@ class Engine:
                 if live:
                     if live[0].kind == "predict":
                         self._run_predict(live)
+                    elif live[0].kind == "call":
+                        self._run_call(live[0])
                     else:
                         self._run_generate(live)
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
@@ -305,6 +315,13 @@ class Engine:
         self.metrics.predict_seconds.observe(time.perf_counter() - t0)
         for t, a in zip(tasks, adapters):
             t.future.set_result(a)
+
+    def _run_call(self, task: _Task) -> None:
+        self._set_adapter(None, 0.0)
+        try:
+            task.future.set_result(task.fn(self.pipe))
+        finally:
+            self._applied = None  # whatever fn did, the next request merges its adapter afresh
 
     def _set_adapter(self, identity_id: str | None, scale: float) -> None:
         want = None if identity_id is None or scale == 0 else (identity_id, float(scale))

@@ -64,6 +64,8 @@ class IdentityPublic(BaseModel):
     trigger: str = Field("", description="the phrase prompts must contain", examples=["sks person"])
     prompt: str = Field("", description="a prompt that works", examples=["a photo of sks person"])
     made_by: str = Field("prediction", description="how the adapter was made: prediction | fine-tune")
+    predictor: str = Field("trained", description="the server's hypernetwork: trained | untrained | none")
+    message: str | None = Field(None, description="what to know about this adapter (e.g. that it does nothing)")
     downloads: dict[str, str] = Field(default_factory=dict, description="adapter file URL per format")
 
 
@@ -175,3 +177,27 @@ class JobResultsPublic(BaseModel):
 class HealthPublic(BaseModel):
     status: str
     details: dict = {}
+
+
+# ---- fine-tunes ---------------------------------------------------------------------------------------------------
+FinetuneStart = Literal["auto", "init", "prediction"]
+FinetuneState = JobState  # the same life cycle as a batch job
+
+
+class FinetunePublic(BaseModel):
+    """A fine-tune job: an identity whose adapter is trained on its photos (POST /v1/finetunes)."""
+
+    id: str = Field(examples=["ftj_0123456789abcdef01234567"])
+    status: FinetuneState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    step: int = Field(description="optimisation steps done")
+    steps: int = Field(description="optimisation steps asked for")
+    progress: float = Field(ge=0, le=1)
+    loss: float | None = Field(None, description="the last training loss")
+    start: str = Field(description="init (the method's initialisation) or prediction (the hypernet's adapter)")
+    photos: list[PhotoPublic] = Field(description="which photos are trained on, and why others were left out")
+    identity_id: str | None = Field(None, description="the identity made, once succeeded")
+    identity_url: str | None = None
+    error: str | None = None

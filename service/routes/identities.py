@@ -51,10 +51,11 @@ def reencode_photo(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
+def _embed(state: ServiceState, datas: list[bytes], names: list[str], crop: tuple[int, float] | None = None):
     """Decode + embed every photo and build the identity (worker thread; the face models are CPU code).
 
-    Returns ``(identity, aligned face chips, re-encoded photos)``, the last two keyed by inlier index."""
+    Returns ``(identity, aligned face chips, re-encoded photos, training crops)``, the last three keyed by inlier
+    index; ``crop`` = (side, padding) also makes the dataset recipe's aligned training crops (else ``{}``)."""
     from pipeline_data.faces.identity import build_identity
     from pipeline_data.images import ImageDecodeError, decode_image
 
@@ -75,7 +76,12 @@ def _embed(state: ServiceState, datas: list[bytes], names: list[str]):
     ident = build_identity(enc, [b""] * len(datas), names=names, results=results)
     chips = {i: enc.align(rgbs[i], ident.photos[i].result.face, size=FACE_SIZE) for i in ident.inliers}
     clean = {i: reencode_photo(rgbs[i]) for i in ident.inliers}
-    return ident, chips, clean
+    crops = {}
+    if crop is not None:
+        from pipeline_data.tiny.crops import aligned_crop
+
+        crops = {i: aligned_crop(enc, rgbs[i], ident.photos[i].result.face, *crop) for i in ident.inliers}
+    return ident, chips, clean, crops
 
 
 def _photo_rows(ident, chips: dict, identity_id: str | None, filenames: list[str]) -> list[dict]:
@@ -124,17 +130,10 @@ def _store(
         shutil.rmtree(staged, ignore_errors=True)
 
 
-@router.post(
-    "", status_code=201, response_model=IdentityPublic, responses=ERRORS,
-    summary="Create an identity from 1-10 face photos (multipart field `photos`)",
-)  # fmt: skip
-async def create_identity(
-    state: StateDep,
-    engine: EngineDep,
-    photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
-    name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
-) -> IdentityPublic:
-    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
+async def read_photos(state: ServiceState, photos: list[UploadFile], crop: tuple[int, float] | None = None):
+    """Read, bound and embed an upload's photos (see :func:`_embed`): ``(identity, chips, re-encoded photos,
+    training crops, file names)``; 422 naming ``photos`` when there are too many or none has a usable face, 429 when
+    too many uploads are in progress."""
     s = state.settings
     if len(photos) > s.max_photos:
         msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
@@ -149,27 +148,25 @@ async def create_identity(
         t0 = time.perf_counter()
         datas = [await f.read() for f in photos]
         filenames = [_clean_name(f.filename) for f in photos]
-        ident, chips, clean = await anyio.to_thread.run_sync(
-            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], limiter=state.face_limiter
+        ident, chips, clean, crops = await anyio.to_thread.run_sync(
+            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], crop, limiter=state.face_limiter
         )
         del datas  # the client's bytes are never stored
     finally:
         state.uploads -= 1
-    t_faces = time.perf_counter() - t0
-    state.metrics.face_seconds.observe(t_faces)
+    state.metrics.face_seconds.observe(time.perf_counter() - t0)
     if not ident.inliers:
         raise ApiError(
             422, "no_usable_face", "none of the photos gave a usable face",
             details=_photo_rows(ident, chips, None, filenames),
         )  # fmt: skip
-    embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers]).astype(np.float32)  # (P, E)
-    t1 = time.perf_counter()
-    adapter = await wait_for(submit(engine.submit_predict, embs))
-    t_pred = time.perf_counter() - t1
-    identity_id = new_id("idt")
-    rows = _photo_rows(ident, chips, identity_id, filenames)
+    return ident, chips, clean, crops, filenames
+
+
+def identity_info(state: ServiceState, ident, rows: list[dict], adapter, made_by: str, seconds: dict) -> dict:
+    """The stored description of an identity (what GET returns)."""
     spec = adapter.spec
-    info = {
+    return {
         "photos": rows,
         "consistency": round(float(ident.consistency), 4),
         "consistent": bool(ident.consistent),
@@ -180,13 +177,43 @@ async def create_identity(
             "base_model": spec.base_model, "spec_hash": spec.hash(),
         },
         "predictor_trained": state.predictor_trained,
-        "trigger": state.recipe.trigger, "prompt": state.recipe.caption,
-        "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
+        "predictor": state.predictor,
+        "trigger": state.recipe.trigger, "prompt": state.recipe.caption, "made_by": made_by,
+        "seconds": seconds,
     }  # fmt: skip
+
+
+@router.post(
+    "", status_code=201, response_model=IdentityPublic, responses=ERRORS,
+    summary="Create an identity from 1-10 face photos (multipart field `photos`)",
+)  # fmt: skip
+async def create_identity(
+    state: StateDep,
+    engine: EngineDep,
+    photos: Annotated[list[UploadFile], File(description="1..max_photos face photos (JPEG/PNG/WebP)")],
+    name: Annotated[str, Form(max_length=100, description="optional display name")] = "",
+) -> IdentityPublic:
+    """Embed the faces, drop photos with no face or of someone else, predict the adapter and store it."""
+    if state.predictor == "none":
+        raise ApiError(409, "no_predictor", state.predictor_message)
+    t0 = time.perf_counter()
+    ident, chips, clean, _, filenames = await read_photos(state, photos)
+    t_faces = time.perf_counter() - t0
+    embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers]).astype(np.float32)  # (P, E)
+    t1 = time.perf_counter()
+    adapter = await wait_for(submit(engine.submit_predict, embs))
+    t_pred = time.perf_counter() - t1
+    identity_id = new_id("idt")
+    rows = _photo_rows(ident, chips, identity_id, filenames)
+    secs = {"faces": round(t_faces, 4), "predict": round(t_pred, 4)}
+    info = identity_info(state, ident, rows, adapter, "prediction", secs)
     rec = IdentityRecord(identity_id, time.time(), name, info, embs.tobytes(), len(embs))
     await anyio.to_thread.run_sync(_store, state, rec, adapter, chips, clean, t0)
     engine.cache_put(identity_id, adapter.to(engine.device))
     return _public(rec)
+
+
+_MESSAGES = {"untrained": "predicted by an untrained hypernetwork (development): this adapter does nothing"}
 
 
 def _public(rec: IdentityRecord) -> IdentityPublic:
@@ -199,6 +226,8 @@ def _public(rec: IdentityRecord) -> IdentityPublic:
         warnings=info["warnings"], face_backend=info["face_backend"], adapter=info["adapter"],
         predictor_trained=info["predictor_trained"], seconds=info.get("seconds", {}),
         trigger=info.get("trigger", ""), prompt=info.get("prompt", ""), made_by=info.get("made_by", "prediction"),
+        predictor=info.get("predictor", "trained" if info["predictor_trained"] else "untrained"),
+        message=_MESSAGES.get(info.get("predictor", "")) if info.get("made_by") != "fine-tune" else None,
         downloads={f: f"/v1/identities/{rec.id}/adapter?format={f}" for f in EXPORT_FORMATS},
     )  # fmt: skip
 
