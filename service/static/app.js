@@ -46,7 +46,13 @@ async function refreshStatus() {
     const b = await r.json();
     $("status").textContent = r.ok ? "ready" : (b.error ? b.error.message : "not ready");
     $("status").className = "pill " + (r.ok ? "ready" : "bad");
-    if (r.ok && b.details && !b.details.predictor_trained) $("status").textContent = "ready (untrained hypernet)";
+    const d = b.details || {};
+    if (r.ok && d.predictor === "untrained") $("status").textContent = "ready (untrained hypernet)";
+    if (r.ok && d.predictor === "none") {  // no hypernet for this base: identities are made by fine-tuning
+      $("status").textContent = "ready (no hypernet: fine-tuning)";
+      $("status").title = d.predictor_message || "";
+      $("finetune").checked = true; $("finetune").disabled = true;
+    }
     if (!r.ok) setTimeout(refreshStatus, 1000);
   } catch (e) { $("status").textContent = "offline"; $("status").className = "pill bad"; }
 }
@@ -60,7 +66,7 @@ $("create").addEventListener("click", async () => {
   for (const f of files) form.append("photos", f, f.name);
   if ($("name").value) form.append("name", $("name").value);
   try {
-    const idt = await api("/v1/identities", { method: "POST", body: form });
+    const idt = $("finetune").checked ? await finetune(form, info) : await api("/v1/identities", { method: "POST", body: form });
     showIdentity(idt);
     for (const p of idt.photos) {
       const src = p.face_url ? await imageUrl(p.face_url) : null;
@@ -75,11 +81,28 @@ $("create").addEventListener("click", async () => {
   }
 });
 
+async function finetune(form, info) {  // POST /v1/finetunes, then poll the job until it made the identity
+  if ($("finetune-steps").value) form.append("steps", $("finetune-steps").value);
+  const bar = $("finetune-progress");
+  bar.hidden = false; bar.value = 0;
+  let job = await api("/v1/finetunes", { method: "POST", body: form });
+  while (job.status === "queued" || job.status === "running") {
+    bar.value = job.progress;
+    info.textContent = `fine-tuning (${job.start}): ${job.status}, step ${job.step}/${job.steps}` +
+      (job.loss != null ? `, loss ${job.loss.toFixed(4)}` : "");
+    await new Promise((res) => setTimeout(res, 300));
+    job = await api(`/v1/finetunes/${job.id}`);
+  }
+  bar.value = job.progress;
+  if (job.status !== "succeeded") throw Object.assign(new Error(job.error || job.status), { code: job.status });
+  return api(job.identity_url);
+}
+
 function showIdentity(idt) {
   identityId = idt.id;
-  $("identity-info").textContent = `identity ${idt.id}: ${idt.photos_used} photo(s) used, ${idt.photos_rejected} ` +
-    `rejected, consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s` +
-    (idt.trigger ? ` — prompt with "${idt.trigger}"` : "");
+  $("identity-info").textContent = `identity ${idt.id} (${idt.made_by}): ${idt.photos_used} photo(s) used, ` +
+    `${idt.photos_rejected} rejected, consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s` +
+    (idt.trigger ? ` — prompt with "${idt.trigger}"` : "") + (idt.message ? ` (${idt.message})` : "");
   if (idt.prompt) { $("prompt").value = idt.prompt; $("compare-prompt").value = idt.prompt; }
   $("downloads").hidden = false;
 }

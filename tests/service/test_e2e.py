@@ -237,6 +237,13 @@ def test_web_page_in_chromium(served, tmp_path):
             page.click("#run-job")
             page.wait_for_function("document.querySelectorAll('#job-results img').length >= 2", timeout=120_000)
             assert "succeeded" in page.inner_text("#job-info")
+            # an identity made by fine-tuning (a job with a progress bar) instead of predicting it
+            page.check("#finetune")
+            page.fill("#finetune-steps", "2")
+            page.click("#create")
+            page.wait_for_function("document.querySelector('#identity-info').textContent.includes('(fine-tune)')",
+                                   timeout=120_000)  # fmt: skip
+            assert page.eval_on_selector("#finetune-progress", "p => p.value") == 1
             page.screenshot(path=str(out), full_page=True)
             assert not errors, errors
         finally:
