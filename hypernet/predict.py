@@ -65,15 +65,16 @@ def read_adapter_meta(path: Path) -> tuple[AdapterSpec, TokenLayout, str]:
         raise ValueError(f"{path}: invalid adapter layout ({type(e).__name__}: {e})") from None
 
 
-def load_recipe(directory: str | Path, base: str = "tiny"):
+def load_recipe(directory: str | Path | None, base: str = "tiny"):
     """The :class:`pipeline_data.recipe.BuildConfig` of the dataset a predictor directory was trained on (its
-    ``dataset_recipe.json``; the defaults when it has none), with ``base`` as the base model."""
+    ``dataset_recipe.json``; the defaults when it has none, or when ``directory`` is None), with ``base`` as the
+    base model."""
     import json
 
     from pipeline_data.recipe import BuildConfig
 
-    path = Path(directory) / RECIPE_NAME
-    if not path.is_file():
+    path = Path(directory) / RECIPE_NAME if directory is not None else None
+    if path is None or not path.is_file():
         return BuildConfig(base=base)
     try:
         flags = json.loads(path.read_text())

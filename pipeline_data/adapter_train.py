@@ -120,6 +120,14 @@ def train_identity(
     trained, unwrapped).
     """
     t0 = time.perf_counter()
+    want = cfg.adapter_spec(base_model)
+    if init is not None:  # checked before any work
+        init = init.to("cpu", torch.float32)
+        if init.spec.method != want.method or init.spec.rank != want.rank:
+            raise ValueError(
+                f"the initial adapter is {init.spec.method} rank {init.spec.rank}, the recipe trains {want.method} "
+                f"rank {want.rank}"
+            )
     unet = pipe.unet
     device = unet.device
     height, width = crops.shape[1:3]
@@ -137,14 +145,6 @@ def train_identity(
     losses: list[float] = []
     step_seconds: list[float] = []
     was_training = unet.training
-    want = cfg.adapter_spec(base_model)
-    if init is not None:
-        init = init.to("cpu", torch.float32)
-        if init.spec.method != want.method or init.spec.rank != want.rank:
-            raise ValueError(
-                f"the initial adapter is {init.spec.method} rank {init.spec.rank}, the recipe trains {want.method} "
-                f"rank {want.rank}"
-            )
     spec = inject_adapter(unet, want, adapter=init, generator=torch.Generator("cpu").manual_seed(cfg.seed))
     try:  # from here on the adapter is removed whatever happens: the UNet is shared by every later identity
         from tqdm.auto import tqdm
@@ -161,14 +161,14 @@ def train_identity(
             x0 = latents[idx].to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.randint(0, n_train, (bs,), generator=g).to(device)
-            pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
+            pred = unet(sched.add_noise(x0, noise, t).to(unet.dtype), t, **cond).sample  # fp16/bf16 UNets too
             loss = F.mse_loss(pred.float(), noise.float())
             if prior is not None and cfg.prior_weight > 0:
                 pidx = torch.randint(len(prior), (bs,), generator=g)
                 p0 = prior[pidx].to(device)
                 pn = torch.randn(p0.shape, generator=g).to(device)
                 pt = torch.randint(0, n_train, (bs,), generator=g).to(device)
-                ppred = unet(sched.add_noise(p0, pn, pt), pt, **_slice_cond(prior_cond, bs)).sample
+                ppred = unet(sched.add_noise(p0, pn, pt).to(unet.dtype), pt, **_slice_cond(prior_cond, bs)).sample
                 loss = loss + cfg.prior_weight * F.mse_loss(ppred.float(), pn.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
