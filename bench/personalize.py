@@ -20,7 +20,6 @@ tiny world, where a smaller timed batch overstates the fine-tune: time it at the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hypernet.predict import RECIPE_NAME, Predictor  # noqa: E402
+from hypernet.predict import Predictor, load_recipe  # noqa: E402
 from pipeline_data.adapter_train import train_identity  # noqa: E402
 from pipeline_data.build import IdentitySource, prepare_identity  # noqa: E402
 from pipeline_data.faces import get_encoder  # noqa: E402
@@ -45,11 +44,7 @@ DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "faces" / "lfw" / "Abdullah_G
 
 
 def _recipe(checkpoint: Path, base: str) -> BuildConfig:
-    path = checkpoint / RECIPE_NAME
-    if path.is_file():
-        flags = json.loads(path.read_text())
-        return BuildConfig.from_dict({k.lstrip("-").replace("-", "_"): v for k, v in flags.items()} | {"base": base})
-    return BuildConfig(base=base)
+    return load_recipe(checkpoint, base)
 
 
 def _face_stages(encoder, blobs: list[bytes], reps: int) -> dict[str, float]:

@@ -388,11 +388,17 @@ def predict_main(argv: list[str] | None = None) -> int:
         help=f"refine the predicted code on the photos for N steps, 0 .. {MAX_REFINE_STEPS} (identity-basis "
         "checkpoints only; loads the base model)",
     )  # fmt: skip
+    p.add_argument("--title", default="", help="title written into the file (e.g. the person's name)")
+    p.add_argument(
+        "--trigger", default=None, help="trigger phrase written into the file (default: the hypernet recipe's)"
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    from .predict import Predictor
+    from weights.formats.metadata import check_text
+
+    from .predict import Predictor, load_recipe
 
     try:
         seed(args.seed)
@@ -402,6 +408,8 @@ def predict_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rank must be >= 1, got {args.rank} (leave it out to keep the adapter's rank)")
         if args.rank is not None and args.format == "native":
             raise ValueError("--rank applies to the LoRA formats (diffusers, kohya, peft), not to --format native")
+        check_text(args.title, "--title")
+        check_text(args.trigger, "--trigger")
         (writable_dir if args.format == "peft" else writable_file)(args.out, "--out")
         predictor = Predictor.load(args.checkpoint)
         if args.refine_steps and not predictor.supports_refine:
@@ -415,9 +423,17 @@ def predict_main(argv: list[str] | None = None) -> int:
         )
         for line in _photo_warnings(ident):
             print(f"difflora predict: warning: {line}", file=sys.stderr)
+        from weights.formats.metadata import ExportInfo
         from weights.io import save_adapter
 
-        save_adapter(adapter, args.out, format=args.format, rank=args.rank)
+        recipe = load_recipe(args.checkpoint)
+        info = ExportInfo(
+            title=args.title, trigger=args.trigger or recipe.trigger, caption=recipe.caption,
+            base_model=adapter.spec.base_model[:200], num_images=len(ident["inliers"]) or None, seed=args.seed,
+            arch="sdxl" if "xl" in adapter.spec.base_model.lower() else "sd15",
+            made_by=f"difflora hypernet prediction ({args.checkpoint.name})"[:200],
+        )  # fmt: skip
+        save_adapter(adapter, args.out, format=args.format, rank=args.rank, info=info)
     except (ValueError, OSError) as e:
         print(f"difflora predict: {e}", file=sys.stderr)
         return 2

@@ -65,6 +65,26 @@ def read_adapter_meta(path: Path) -> tuple[AdapterSpec, TokenLayout, str]:
         raise ValueError(f"{path}: invalid adapter layout ({type(e).__name__}: {e})") from None
 
 
+def load_recipe(directory: str | Path | None, base: str = "tiny"):
+    """The :class:`pipeline_data.recipe.BuildConfig` of the dataset a predictor directory was trained on (its
+    ``dataset_recipe.json``; the defaults when it has none, or when ``directory`` is None), with ``base`` as the
+    base model."""
+    import json
+
+    from pipeline_data.recipe import BuildConfig
+
+    path = Path(directory) / RECIPE_NAME if directory is not None else None
+    if path is None or not path.is_file():
+        return BuildConfig(base=base)
+    try:
+        flags = json.loads(path.read_text())
+        if not isinstance(flags, dict):
+            raise ValueError(f"expected a JSON object, got {type(flags).__name__}")
+        return BuildConfig.from_flags(flags, base=base)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a dataset recipe ({e})") from None
+
+
 def _failures(ident) -> list[str]:
     """``name: why`` of every photo that gave no face embedding (the error names the file already, or not)."""
     out = []

@@ -116,7 +116,7 @@ def draw_batch(
 
 def denoising_loss(unet, sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The recipe's DreamBooth objective: MSE between the UNet's noise prediction and the noise, in fp32."""
-    pred = unet(sched.add_noise(x0, noise, t), t, **cond).sample
+    pred = unet(sched.add_noise(x0, noise, t).to(unet.dtype), t, **cond).sample  # fp16/bf16 UNets too
     return F.mse_loss(pred.float(), noise.float())
 
 
@@ -131,12 +131,14 @@ def optimise(
     prior: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "adapter",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[list[float], list[float]]:
     """The recipe's optimisation of ``params`` on ``latents`` (2N, C, h, w): AdamW without weight decay, 5 % linear
     warm-up, gradient clipping at 1, ``cfg.steps`` steps of ``cfg.batch_size`` with the caption (and the prior loss).
 
     ``adapter()`` is entered around each step's forward passes (e.g. per-sample adapters built from the current
-    params); with injected adapters it is a no-op. Returns the per-step losses and seconds.
+    params); with injected adapters it is a no-op. ``on_step(step, loss)`` is called after every step (an exception
+    it raises stops the optimisation). Returns the per-step losses and seconds.
     """
     from tqdm.auto import tqdm
 
@@ -173,6 +175,8 @@ def optimise(
             raise FloatingPointError(f"training loss became {lv} at step {step}")
         losses.append(lv)
         step_seconds.append(time.perf_counter() - t_step)
+        if on_step is not None:
+            on_step(step, lv)
     return losses, step_seconds
 
 
@@ -184,21 +188,34 @@ def train_identity(
     base_model: str,
     prior: torch.Tensor | None = None,
     progress: bool = False,
+    init: Adapter | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fit one adapter to ``crops`` ((N, H, W, 3) uint8 aligned faces) with the recipe's fixed seed and schedule.
 
-    The UNet is modified only for the duration of the call (wrapped, trained, unwrapped).
+    ``init``: start from this adapter (e.g. a hypernet's prediction; same method and layers) instead of the
+    method's initialisation. ``on_step(step, loss)`` is called after every step (an exception it raises stops the
+    training, the UNet is still restored). The UNet is modified only for the duration of the call (wrapped,
+    trained, unwrapped).
     """
     t0 = time.perf_counter()
+    want = cfg.adapter_spec(base_model)
+    if init is not None:  # checked before any work
+        init = init.to("cpu", torch.float32)
+        if init.spec.method != want.method or init.spec.rank != want.rank:
+            raise ValueError(
+                f"the initial adapter is {init.spec.method} rank {init.spec.rank}, the recipe trains {want.method} "
+                f"rank {want.rank}"
+            )
     unet = pipe.unet
     g = torch.Generator("cpu").manual_seed(cfg.seed)
     latents = encode_latents(pipe, crops, g)  # (2N, C, h, w)
     was_training = unet.training
-    spec = inject_adapter(unet, cfg.adapter_spec(base_model), generator=torch.Generator("cpu").manual_seed(cfg.seed))
+    spec = inject_adapter(unet, want, adapter=init, generator=torch.Generator("cpu").manual_seed(cfg.seed))
     try:  # from here on the adapter is removed whatever happens: the UNet is shared by every later identity
         unet.train()
         losses, step_seconds = optimise(
-            pipe, latents, trainable_parameters(unet), cfg, g, prior=prior, progress=progress
+            pipe, latents, trainable_parameters(unet), cfg, g, prior=prior, progress=progress, on_step=on_step
         )
     finally:
         adapter = remove_adapter(unet)

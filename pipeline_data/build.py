@@ -397,7 +397,9 @@ def load_dataset_adapters(out_dir: str | Path, ids: Sequence[str] | None = None)
     return {k: load_native(out / recs[k]["adapter"]) for k in sorted(keep)}
 
 
-def run_check(out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int | None = None) -> dict:
+def run_check(
+    out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int | None = None, progress: bool = False
+) -> dict:
     """Identity check on (a deterministic sample of) the dataset; writes ``check.json`` and the figures into the
     sampled identities' records (so weak adapters can be filtered out of the hypernet's training data)."""
     out = Path(out_dir)
@@ -417,7 +419,7 @@ def run_check(out_dir: str | Path, cfg: BuildConfig | None = None, *, limit: int
     t0 = time.perf_counter()
     res = identity_check(
         pipe, encoder, adapters, heldout, prompt=cfg.caption, seeds=list(range(cfg.check_seeds)),
-        steps=cfg.check_steps, guidance=cfg.check_guidance, size=size,
+        steps=cfg.check_steps, guidance=cfg.check_guidance, size=size, progress=progress,
     )  # fmt: skip
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for k, fig in res["per_identity"].items():

@@ -66,10 +66,18 @@ def generation_embeddings(
     guidance: float,
     size: int,
     scale: float = 1.0,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Face embeddings (K, E) of the generations of each adapter (None = the base model)."""
+    """Face embeddings (K, E) of the generations of each adapter (None = the base model); ``progress``: a tqdm bar
+    over the adapters on stderr."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     out: dict[str, np.ndarray] = {}
-    for name, adapter in adapters.items():
+    bar = tqdm(adapters.items(), total=len(adapters), desc="identity check", unit="adapter", disable=not progress,
+               file=sys.stderr)  # fmt: skip
+    for name, adapter in bar:
         imgs = generate_with(pipe, adapter, prompt, seeds, steps=steps, guidance=guidance, size=size, scale=scale)
         out[name] = np.asarray(encoder.embed_images_as_faces(list(imgs)), dtype=np.float32)
     return out
@@ -96,6 +104,7 @@ def identity_check(
     steps: int = 20,
     guidance: float = 3.0,
     size: int = 64,
+    progress: bool = False,
 ) -> dict:
     """Per-identity gain and margin (see module docstring) plus their means with bootstrap intervals."""
     ids = [i for i in adapters if i in heldout]
@@ -105,7 +114,7 @@ def identity_check(
         )
     gens = generation_embeddings(
         pipe, encoder, {"__base__": None, **{i: adapters[i] for i in ids}},
-        prompt=prompt, seeds=seeds, steps=steps, guidance=guidance, size=size,
+        prompt=prompt, seeds=seeds, steps=steps, guidance=guidance, size=size, progress=progress,
     )  # fmt: skip
     S = similarity_matrix(encoder, gens, {i: heldout[i] for i in ids})  # (1 + n, n)
     base, own = S[0], S[1:]

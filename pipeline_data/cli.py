@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seeds", type=positive_int, default=None, help="generations per adapter")
     c.add_argument("--summary", default=None, help="also write the summary JSON here")
+    for sp in (b, c):
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -230,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             cfg = build_config_from_args(args)
             out = Path(args.out)
-            bs = build(args.faces, out, cfg, limit=args.limit, ray_address=args.ray_address)
+            bs = build(args.faces, out, cfg, limit=args.limit, ray_address=args.ray_address,
+                       progress=not args.no_progress)  # fmt: skip
             print(f"{bs['ok']} adapters, {len(bs['skipped'])} skipped, {len(bs['failed'])} failed -> {out}")
             for k, why in bs["failed"].items():
                 print(f"  failed {k}: {why}", file=sys.stderr)
             check = None
             if cfg.check_identities and bs["ok"] >= 2:
-                check = run_check(out, cfg)
+                check = run_check(out, cfg, progress=not args.no_progress)
                 _print_check(check)
             summary = _summary(out, bs, check)
             rc = 1 if bs["failed"] else 0
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _BC.from_dict(json.loads((out / "config.json").read_text()))
             if args.seeds is not None:
                 cfg.check_seeds = args.seeds
-            check = run_check(out, cfg, limit=args.limit)
+            check = run_check(out, cfg, limit=args.limit, progress=not args.no_progress)
             _print_check(check)
             summary, rc = _summary(out, None, check), 0
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -127,6 +127,19 @@ class BuildConfig:
         skip = {"base"} if self.method == BASIS_METHOD else {"base", "basis"}
         return {"--" + k.replace("_", "-"): v for k, v in self.training_dict().items() if k not in skip}
 
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any], **kw: Any) -> BuildConfig:
+        """Inverse of :meth:`recipe_flags` (``{"--rank": 4, ...}``, e.g. a predictor's dataset_recipe.json); ``kw``
+        set the other fields (``base=...``)."""
+        return cls.from_dict({k.lstrip("-").replace("-", "_"): v for k, v in flags.items()} | kw)
+
+    @property
+    def trigger(self) -> str:
+        """The phrase of the caption that stands for the person (``"sks person"``): what prompts must contain."""
+        from weights.formats.metadata import trigger_of
+
+        return trigger_of(self.caption, self.class_prompt)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from .errors import install_handlers
+from .finetune import FinetuneRunner
 from .jobs import JobRunner
 from .metrics import Metrics
 from .middleware import GuardMiddleware
-from .routes import generations, health, identities, jobs, web
+from .routes import finetunes, generations, health, identities, jobs, web
 from .settings import Settings
 from .state import ServiceState
 from .storage import Storage
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
     if swept:
         log.info("start-up: removed %d leftover temp entries", swept)
     state = ServiceState(settings, storage, Metrics())
+    state.finetunes = FinetuneRunner(state)  # resumes the fine-tunes an earlier run left queued or running
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -45,11 +47,13 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
             state.start_loading()
         state.jobs = JobRunner(state)
         state.jobs.start()
+        state.finetunes.start()
         try:
             yield
         finally:
             if state.engine is not None:
                 state.engine.begin_drain()
+            await state.finetunes.stop()  # a training in flight stops at its next step and runs again next start
             await state.jobs.stop()
             if state.engine is not None:
                 await anyio.to_thread.run_sync(state.engine.stop, settings.drain_timeout_s)
@@ -62,7 +66,7 @@ def create_app(settings: Settings | None = None, *, load: bool = True) -> FastAP
     app = FastAPI(title="difflora", version=ver, description=DESCRIPTION, lifespan=lifespan)
     app.state.svc = state
     install_handlers(app)
-    for r in (health.router, identities.router, generations.router, jobs.router, web.router):
+    for r in (health.router, identities.router, finetunes.router, generations.router, jobs.router, web.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:

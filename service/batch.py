@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="fan identities out over a Ray cluster ('auto', 'local' or host:port)")
     p.add_argument("--ray-workers", type=int, default=2,
                    help="Ray tasks (each loads the models once; --device cuda: one GPU each)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -138,9 +139,15 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
     eng, enc = state.engine, state.encoder
     params = GenParams(steps=s.default_steps, width=s.default_size, height=s.default_size,
                        guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale)  # fmt: skip
+    from tqdm.auto import tqdm
+
     out, lines = Path(args.out), []
+    # one bar over identities x prompts (the images), on stderr; Ray tasks run without one (their logs interleave)
+    bar = tqdm(total=len(folders) * len(prompts), desc="batch", unit="prompt", file=sys.stderr,
+               disable=not getattr(args, "progress", True))  # fmt: skip
     try:
         for folder in map(Path, folders):
+            bar.set_postfix_str(folder.name[:40])
             t0 = time.perf_counter()
             name = _safe(folder.name)
             dest = out / name
@@ -149,14 +156,16 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             line = {"identity": name, "photos": len(photos), "used": len(ident.inliers)}
             if not ident.inliers:
                 lines.append({**line, "ok": False, "error": "no usable face in the photos"})
+                bar.update(len(prompts))
                 continue
             embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers])
             adapter = eng.submit_predict(embs).result()
             dest.mkdir(parents=True, exist_ok=True)
-            save_adapter(adapter, dest / "adapter.safetensors", "native")
-            save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers")
+            info = state.export_info(name, len(ident.inliers), f"difflora prediction ({state.base_model})")
+            save_adapter(adapter, dest / "adapter.safetensors", "native", info=info)
+            save_adapter(adapter, dest / "pytorch_lora_weights.safetensors", "diffusers", info=info)
             eng.cache_put(name, adapter.to(eng.device))
-            images = _generate_all(eng, name, params, prompts, args, dest)
+            images = _generate_all(eng, name, params, prompts, args, dest, on_prompt=lambda: bar.update(1))
             line.update(
                 ok=True,
                 consistency=round(float(ident.consistency), 4),
@@ -169,6 +178,7 @@ def run_identities(args: argparse.Namespace, folders: list[str], prompts: list[s
             )
             lines.append(line)
     finally:
+        bar.close()
         eng.stop()
         state.storage.close()
         shutil.rmtree(s.data_dir, ignore_errors=True)
@@ -188,9 +198,12 @@ def ray_worker_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _generate_all(eng, name: str, params, prompts: list[str], args: argparse.Namespace, dest: Path) -> list[str]:
+def _generate_all(
+    eng, name: str, params, prompts: list[str], args: argparse.Namespace, dest: Path, on_prompt=None
+) -> list[str]:
     """Every prompt x ``--num-images`` for the cached identity ``name`` (image k of prompt i has seed
-    ``seed + i * n + k``), queued at once so the worker batches them; PNGs written as ``<i>-<k>.png``."""
+    ``seed + i * n + k``), queued at once so the worker batches them; PNGs written as ``<i>-<k>.png``;
+    ``on_prompt()`` after each prompt's images (the progress bar)."""
     from weights.atomic import atomic_write_bytes
 
     from .routes.generations import encode_png
@@ -205,6 +218,8 @@ def _generate_all(eng, name: str, params, prompts: list[str], args: argparse.Nam
         for k, png in enumerate(encode_png(f.result().images)):
             atomic_write_bytes(dest / f"{i:03d}-{k}.png", png)
             images.append(f"{name}/{i:03d}-{k}.png")
+        if on_prompt is not None:
+            on_prompt()
     return images
 
 
@@ -262,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     try:
+        args.progress = not args.no_progress and not args.ray_address
         lines = _run_ray(args, todo, prompts) if args.ray_address else run_identities(args, todo, prompts)
     except (ValueError, OSError, RuntimeError) as e:
         from .main import _one_line

@@ -85,7 +85,7 @@ class GenParams:
 
 @dataclass
 class _Task:
-    kind: str  # "generate" | "predict" | "refine"
+    kind: str  # "generate" | "predict" | "refine" | "call"
     future: cf.Future
     identity_id: str | None = None  # generate: None = base model
     params: GenParams | None = None
@@ -94,6 +94,7 @@ class _Task:
     embeddings: np.ndarray | None = None  # predict/refine: (P, E)
     crops: np.ndarray | None = None  # refine: (P, H, W, 3) aligned face crops at the pipeline's size
     refine_steps: int = 0  # refine: code optimisation steps
+    fn: Callable[[Any], Any] | None = None  # call: fn(pipe), run alone with the base model's weights
     enqueued: float = field(default_factory=time.perf_counter)
     request_id: str | None = field(default_factory=current_request_id.get)  # X-Request-ID of the submitter
 
@@ -250,6 +251,8 @@ class Engine:
 
     def submit_predict(self, embeddings: np.ndarray) -> cf.Future:
         """Future of the predicted :class:`Adapter` for one identity's (P, E) photo embeddings."""
+        if self.predictor is None:
+            raise RuntimeError("this server has no hypernetwork (predictor 'none'): adapters are made by fine-tuning")
         return self._submit(_Task("predict", cf.Future(), embeddings=np.asarray(embeddings, dtype=np.float32)))
 
     def submit_refine(self, embeddings: np.ndarray, crops: np.ndarray, steps: int) -> cf.Future:
@@ -259,6 +262,11 @@ class Engine:
             raise ValueError("refine needs a hypernet over identity-basis codes; this server's predicts LoRA tokens")
         emb = np.asarray(embeddings, dtype=np.float32)
         return self._submit(_Task("refine", cf.Future(), embeddings=emb, crops=crops, refine_steps=int(steps)))
+
+    def submit_call(self, fn: Callable[[Any], Any]) -> cf.Future:
+        """Future of ``fn(pipe)`` run on the worker with the base model's weights (any merged adapter restored
+        first), alone: e.g. fine-tuning an adapter, which wraps the UNet's layers for its duration."""
+        return self._submit(_Task("call", cf.Future(), fn=fn))
 
     # ---- adapter cache ----------------------------------------------------------------------------------------
     def cache_put(self, identity_id: str, adapter: Adapter) -> None:
@@ -335,7 +343,11 @@ class Engine:
         with self._cv:
             batch, n = [first], first.images
             for t in list(self._q):
-                fits = t.kind == first.kind != "refine" and (t.kind == "predict" or self._fits(first, t, n))
+                fits = (
+                    t.kind == first.kind
+                    and t.kind not in ("refine", "call")
+                    and (t.kind == "predict" or self._fits(first, t, n))
+                )
                 if fits:
                     self._q.remove(t)
                     batch.append(t)
@@ -365,6 +377,8 @@ class Engine:
                         self._run_predict(live)
                     elif live[0].kind == "refine":
                         self._run_refine(live)
+                    elif live[0].kind == "call":
+                        self._run_call(live[0])
                     else:
                         self._run_generate(live)
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting requests
@@ -395,6 +409,13 @@ class Engine:
                 code = self.predictor.predict_codes([t.embeddings], seed=self.predict_seed)[0]
             t.future.set_result(self.predictor.refine(self.pipe, t.crops, code, t.refine_steps))
             self.metrics.predict_seconds.observe(time.perf_counter() - t0)
+
+    def _run_call(self, task: _Task) -> None:
+        self._set_adapter(None, 0.0)
+        try:
+            task.future.set_result(task.fn(self.pipe))
+        finally:
+            self._applied = None  # whatever fn did, the next request merges its adapter afresh
 
     def _set_adapter(self, identity_id: str | None, scale: float) -> None:
         want = None if identity_id is None or scale == 0 else (identity_id, float(scale))

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use an untrained hypernet (no-op adapters; for development without a checkpoint)",
     )
+    p.add_argument("--hypernet", choices=["auto", "off"],
+                   help="auto: the trained hypernet if there is one; off: identities by fine-tuning only")  # fmt: skip
     p.add_argument("--face-backend", choices=["dlib", "insightface"], help="face encoder (default: dlib)")
     p.add_argument("--face-model-dir", help="insightface model pack directory")
     p.add_argument("--data-dir", help="where the files (and the SQLite database) live (default: ./difflora-data)")

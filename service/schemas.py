@@ -10,12 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hypernet.personalizer import SCALE_RANGE
+
 from .engine import SCHEDULERS
 
 SchedulerName = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "lms"]
 assert set(SchedulerName.__args__) == set(SCHEDULERS)  # noqa: S101 - keep the enum and the engine in step
 
 MAX_SEED = 2**32 - 1
+ExportFormat = Literal["diffusers", "kohya", "peft", "native"]  # adapter download formats (docs/exports.md)
+EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 
 
 class ErrorBody(BaseModel):
@@ -60,6 +64,12 @@ class IdentityPublic(BaseModel):
     adapter: dict = Field(description="method, rank, layers, parameters of the predicted adapter")
     predictor_trained: bool
     seconds: dict[str, float] = Field(description="faces / predict / store / total (/ refine, with refine_steps)")
+    trigger: str = Field("", description="the phrase prompts must contain", examples=["sks person"])
+    prompt: str = Field("", description="a prompt that works", examples=["a photo of sks person"])
+    made_by: str = Field("prediction", description="how the adapter was made: prediction | fine-tune")
+    predictor: str = Field("trained", description="the server's hypernetwork: trained | untrained | none")
+    message: str | None = Field(None, description="what to know about this adapter (e.g. that it does nothing)")
+    downloads: dict[str, str] = Field(default_factory=dict, description="adapter file URL per format")
 
 
 class IdentityList(BaseModel):
@@ -79,7 +89,9 @@ class GenerationSettings(BaseModel):
     negative_prompt: str = Field("", max_length=1000)
     steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (server limit applies)")
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
-    adapter_scale: float = Field(1.0, ge=-2.0, le=3.0, description="LoRA scale λ (0 = base model)")
+    adapter_scale: float = Field(
+        1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1], description="LoRA scale λ (0 = base model)"
+    )
     width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
     height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
     scheduler: SchedulerName = "default"
@@ -186,3 +198,27 @@ class JobResultsPublic(BaseModel):
 class HealthPublic(BaseModel):
     status: str
     details: dict = {}
+
+
+# ---- fine-tunes ---------------------------------------------------------------------------------------------------
+FinetuneStart = Literal["auto", "init", "prediction"]
+FinetuneState = JobState  # the same life cycle as a batch job
+
+
+class FinetunePublic(BaseModel):
+    """A fine-tune job: an identity whose adapter is trained on its photos (POST /v1/finetunes)."""
+
+    id: str = Field(examples=["ftj_0123456789abcdef01234567"])
+    status: FinetuneState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    step: int = Field(description="optimisation steps done")
+    steps: int = Field(description="optimisation steps asked for")
+    progress: float = Field(ge=0, le=1)
+    loss: float | None = Field(None, description="the last training loss")
+    start: str = Field(description="init (the method's initialisation) or prediction (the hypernet's adapter)")
+    photos: list[PhotoPublic] = Field(description="which photos are trained on, and why others were left out")
+    identity_id: str | None = Field(None, description="the identity made, once succeeded")
+    identity_url: str | None = None
+    error: str | None = None

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     model_path: str | None = None  # local diffusers folder overriding the preset's base model
     hypernet_path: str | None = None  # predictor checkpoint dir (default: assets/tiny/hypernet for tiny)
     untrained_hypernet: bool = False  # use a fresh, untrained hypernet (adapters are no-ops): development only
+    # "auto": the trained hypernet when there is one (tiny: the bundled one), else none; "off": never (identities
+    # are then made by fine-tuning, POST /v1/finetunes)
+    hypernet: Literal["auto", "off"] = "auto"
     face_backend: Literal["dlib", "insightface"] = "dlib"  # face encoder backend
     face_model_dir: str | None = None  # insightface model pack directory
     device: str = "cpu"  # torch device of the model worker ("cpu", "cuda", "cuda:1", "auto": CUDA if available)
@@ -105,6 +108,9 @@ class Settings(BaseSettings):
     # delete identities (photos, faces, adapter, rows) unused (no generation or job item) for this long; None: keep
     identity_retention_s: float | None = Field(None, ge=1, le=100 * 365 * 86400)
     default_steps: int | None = Field(None, ge=1)  # default: per preset
+    # --- fine-tuning (POST /v1/finetunes: an identity's adapter trained on its photos with the dataset recipe) ---
+    max_finetune_steps: int = Field(1000, ge=1, le=100_000)  # optimisation steps one fine-tune may ask for
+    max_finetune_jobs: int = Field(8, ge=1, le=10_000)  # fine-tunes queued or running at once (429 beyond)
     default_size: int | None = Field(None, ge=8)  # default: the base model's own resolution (set when it loads)
 
     @field_validator("database_url")
@@ -169,7 +175,7 @@ class Settings(BaseSettings):
     @property
     def hypernet_dir(self) -> Path | None:
         """The predictor checkpoint to load, or None (untrained fallback)."""
-        if self.untrained_hypernet:
+        if self.untrained_hypernet or self.hypernet == "off":
             return None
         if self.hypernet_path:
             return Path(self.hypernet_path)

@@ -27,6 +27,9 @@ class ServiceState:
     engine: Engine | None = None  # set once the models are loaded
     encoder: Any = None  # FaceEncoder
     predictor_trained: bool = False
+    predictor: str = "none"  # "trained" | "untrained" (dev: adapters are no-ops) | "none" (fine-tuning only)
+    predictor_message: str = ""  # what the predictor status means for users (readyz, identity responses)
+    recipe: Any = None  # pipeline_data.recipe.BuildConfig of the predictor's dataset (caption / trigger phrase)
     base_model: str = ""  # id of the loaded base model
     kohya_arch: str = "sd15"
     layers_per_block: int = 2
@@ -36,6 +39,7 @@ class ServiceState:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     jobs: Any = None  # JobRunner
+    finetunes: Any = None  # FinetuneRunner (service.finetune)
     uploads: int = 0  # identity uploads in progress or waiting for a face worker
     event_streams: int = 0  # open GET /v1/jobs/{id}/events streams (changed on the event loop only)
     face_limiter: Any = None  # anyio.CapacityLimiter(settings.face_workers), made on first use (needs a loop)
@@ -90,7 +94,7 @@ class ServiceState:
         predictor = self._load_predictor(pipe)
         self.timings["predictor_load"] = time.perf_counter() - t0
 
-        if predictor.cond_dim != self.encoder.dim:
+        if predictor is not None and predictor.cond_dim != self.encoder.dim:
             raise ValueError(
                 f"the hypernet expects {predictor.cond_dim}-d face embeddings but the {s.face_backend!r} backend "
                 f"makes {self.encoder.dim}-d ones (use --face-backend {predictor.face_backend})"
@@ -118,26 +122,51 @@ class ServiceState:
             size = s.default_size
             fut = self.engine.submit_generate(None, GenParams(steps=2, width=size, height=size), ["warm-up"], [0])
             fut.result()
-            emb = np.full((1, self.encoder.dim), self.encoder.dim**-0.5, np.float32)
-            self.engine.submit_predict(emb).result()
+            if predictor is not None:
+                emb = np.full((1, self.encoder.dim), self.encoder.dim**-0.5, np.float32)
+                self.engine.submit_predict(emb).result()
             self.timings["warmup"] = time.perf_counter() - t0
 
+    def export_info(self, title: str, num_images: int | None, made_by: str):
+        """What this server's adapter downloads say about themselves (weights.formats.metadata.ExportInfo)."""
+        from weights.formats.metadata import ExportInfo
+
+        r = self.recipe
+        return ExportInfo(
+            title=title[:200], trigger=r.trigger, caption=r.caption, arch=self.kohya_arch,
+            base_model=self.base_model[:200], resolution=self.settings.default_size, num_images=num_images,
+            made_by=made_by,
+        )  # fmt: skip
+
     def _load_predictor(self, pipe: Any) -> Any:
-        from hypernet.predict import Predictor
+        from hypernet.predict import Predictor, load_recipe
 
         d = self.settings.hypernet_dir
+        self.recipe = load_recipe(d, self.settings.preset)
         if d is not None and (d / "config.json").is_file():
             pred = Predictor.load(d, device=self.settings.device)
-            self.predictor_trained = True
+            self.predictor_trained, self.predictor = True, "trained"
+            self.predictor_message = "identities are predicted from photos in about a second (POST /v1/identities)"
             return pred
-        if self.settings.hypernet_path and not self.settings.untrained_hypernet:
-            raise FileNotFoundError(f"no hypernetwork checkpoint at {self.settings.hypernet_path}")
-        self.warnings.append(
-            "no trained hypernetwork checkpoint found; using an untrained one (predicted adapters are no-ops)"
-        )
-        pred = Predictor.untrained(pipe, face_backend=self.settings.face_backend, cond_dim=self.encoder.dim)
+        s = self.settings
+        if s.hypernet_path and not s.untrained_hypernet and s.hypernet != "off":
+            raise FileNotFoundError(f"no hypernetwork checkpoint at {s.hypernet_path}")
         self.predictor_trained = False
-        return pred
+        if s.untrained_hypernet:
+            self.predictor = "untrained"
+            self.predictor_message = "the hypernetwork is untrained (development): predicted adapters do nothing"
+            self.warnings.append(
+                "no trained hypernetwork checkpoint found; using an untrained one (predicted adapters are no-ops)"
+            )
+            return Predictor.untrained(pipe, face_backend=s.face_backend, cond_dim=self.encoder.dim)
+        why = "switched off (hypernet=off)" if s.hypernet == "off" else f"no trained hypernetwork for {s.preset!r}"
+        self.predictor = "none"
+        self.predictor_message = (
+            f"{why}: identities are made by fine-tuning their adapter on the photos (POST /v1/finetunes, an "
+            "asynchronous job with progress); POST /v1/identities is refused"
+        )
+        self.warnings.append(self.predictor_message)
+        return None
 
     def start_loading(self) -> threading.Thread:
         t = threading.Thread(target=self.load, name="difflora-loader", daemon=True)

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=FORMAT_CHOICES, help="output format")
     conv.add_argument("--rank", type=int, default=None, help="LoRA rank of the output (default: the adapter's)")
     conv.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="kohya block naming (default from spec)")
+    conv.add_argument("--title", default=None, help="title written into the output (default: the input's)")
+    conv.add_argument("--trigger", default=None, help="trigger phrase written into the output (default: the input's)")
     conv.add_argument(
         "--base",
         default=None,
@@ -132,20 +134,27 @@ def load_base_unet(base: str):
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .io import load_any, save_adapter
+    from dataclasses import replace
 
+    from .formats.metadata import check_text, for_adapter
+    from .io import export_info, load_any, save_adapter
+
+    check_text(a.title, "--title")
+    check_text(a.trigger, "--trigger")
     ad = load_any(a.input)
+    info = for_adapter(export_info(a.input), ad.spec.base_model)  # what the input says about itself carries over
     base = load_base_unet(a.base) if a.base else None
-    kw = {}
-    if a.to == "kohya":
-        kw["arch"] = a.arch or ("sdxl" if "xl" in ad.spec.base_model.lower() else "sd15")
+    arch = a.arch or ("sdxl" if "xl" in ad.spec.base_model.lower() else info.arch)
+    kw = {"arch": arch} if a.to == "kohya" else {}
+    info = replace(info, arch=arch)
+    info = replace(info, **{k: v for k, v in (("title", a.title), ("trigger", a.trigger)) if v is not None})
     if a.to == "native" and a.rank is not None:
         from .convert import to_lora
 
         ad, report = to_lora(ad, a.rank, base)
-        save_adapter(ad, a.output, "native")
+        save_adapter(ad, a.output, "native", info=info)
     else:
-        report = save_adapter(ad, a.output, a.to, rank=a.rank, base=base, **kw)
+        report = save_adapter(ad, a.output, a.to, rank=a.rank, base=base, info=info, **kw)
     print(f"wrote {a.output} ({a.to})")
     if report is not None:
         print(f"conversion: {report.summary()}")

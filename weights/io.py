@@ -19,7 +19,7 @@ from .errors import AdapterFileError
 from .formats import FORMATS
 from .safetensors_io import read_header, read_safetensors
 
-__all__ = ["detect_format", "load_adapter", "load_any", "save_adapter", "validate_adapter"]
+__all__ = ["detect_format", "export_info", "load_adapter", "load_any", "save_adapter", "validate_adapter"]
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -189,31 +189,45 @@ def save_adapter(
     *,
     rank: int | None = None,
     base: BaseWeights = None,
+    info=None,
     **kw,
 ) -> ConversionReport | None:
-    """Write ``adapter`` atomically as ``format``; standard formats of non-LoRA methods report the SVD error."""
+    """Write ``adapter`` atomically as ``format``; standard formats of non-LoRA methods report the SVD error.
+    ``info`` (a :class:`weights.formats.metadata.ExportInfo`): title, trigger phrase and how the adapter was made,
+    written as the ``ss_*`` / ``modelspec.*`` metadata the LoRA tools read."""
     if format == "native":
         from .formats.native import save_native
 
         if rank is not None:
             raise ValueError("rank applies to the LoRA formats only (use weights.convert.to_lora for a native LoRA)")
-        save_native(adapter, path)
+        save_native(adapter, path, info)
         return None
     if format == "diffusers":
         from .formats.diffusers import save_diffusers
 
-        return save_diffusers(adapter, path, rank=rank, base=base, **kw)
+        return save_diffusers(adapter, path, rank=rank, base=base, info=info, **kw)
     if format == "kohya":
         from .formats.kohya import save_kohya
 
-        return save_kohya(adapter, path, rank=rank, base=base, **kw)
+        return save_kohya(adapter, path, rank=rank, base=base, info=info, **kw)
     if format == "peft":
         from .formats.peft import save_peft
 
-        return save_peft(adapter, path, rank=rank, base=base)
+        return save_peft(adapter, path, rank=rank, base=base, info=info)
     raise ValueError(f"unknown adapter format {format!r}; valid: {', '.join(FORMATS)}")
 
 
 def read_tensors(path: str | os.PathLike):
     """Raw ``(tensors, metadata)`` of a safetensors file with all checks (re-exported for tools)."""
     return read_safetensors(path)
+
+
+def export_info(path: str | os.PathLike):
+    """The :class:`weights.formats.metadata.ExportInfo` (title, trigger phrase, ...) an adapter file carries; a
+    peft folder's is in its weights file."""
+    from .formats.metadata import read_export_info
+    from .formats.peft import WEIGHTS_NAME
+
+    p = Path(path)
+    _, meta = read_header(p / WEIGHTS_NAME if p.is_dir() else p, allow_int=True)
+    return read_export_info(meta)

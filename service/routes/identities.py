@@ -9,7 +9,8 @@ import re
 import shutil
 import time
 import zipfile
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated
 
 import anyio
 import numpy as np
@@ -32,7 +33,7 @@ from ..deps import (
     wait_for,
 )
 from ..errors import ApiError
-from ..schemas import ErrorResponse, IdentityList, IdentityPublic, PhotoPublic
+from ..schemas import EXPORT_FORMATS, ErrorResponse, ExportFormat, IdentityList, IdentityPublic, PhotoPublic
 from ..state import ServiceState
 from ..storage import IdentityRecord, new_id
 
@@ -67,11 +68,11 @@ def reencode_photo(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _embed(state: ServiceState, datas: list[bytes], names: list[str], crop_size: int = 0):
+def _embed(state: ServiceState, datas: list[bytes], names: list[str], crop: tuple[int, float] | None = None):
     """Decode + embed every photo and build the identity (worker thread; the face models are CPU code).
 
-    Returns ``(identity, aligned face chips, re-encoded photos, refine crops)``, the chips and photos keyed by inlier
-    index; the refine crops ((P, S, S, 3), inlier order) only with a ``crop_size`` S, else None."""
+    Returns ``(identity, aligned face chips, re-encoded photos, training crops)``, the last three keyed by inlier
+    index; ``crop`` = (side, padding) also makes the dataset recipe's aligned training crops (else ``{}``)."""
     from pipeline_data.faces.identity import build_identity
     from pipeline_data.images import ImageDecodeError, decode_image
 
@@ -92,10 +93,11 @@ def _embed(state: ServiceState, datas: list[bytes], names: list[str], crop_size:
     ident = build_identity(enc, [b""] * len(datas), names=names, results=results)
     chips = {i: enc.align(rgbs[i], ident.photos[i].result.face, size=FACE_SIZE) for i in ident.inliers}
     clean = {i: reencode_photo(rgbs[i]) for i in ident.inliers}
-    crops = None
-    if crop_size and ident.inliers:
-        faces = [ident.photos[i].result.face for i in ident.inliers]
-        crops = state.engine.predictor.crops(enc, [rgbs[i] for i in ident.inliers], faces, crop_size)
+    crops = {}
+    if crop is not None:
+        from pipeline_data.tiny.crops import aligned_crop
+
+        crops = {i: aligned_crop(enc, rgbs[i], ident.photos[i].result.face, *crop) for i in ident.inliers}
     return ident, chips, clean, crops
 
 
@@ -184,6 +186,75 @@ def _replay(state: ServiceState, identity_id: str) -> JSONResponse:
     return JSONResponse(_public(rec).model_dump(mode="json"), status_code=200, headers=headers)
 
 
+class Replayed(Exception):
+    """Raised by a ``read_photos`` ``before_embed`` hook to answer with ``response`` instead (an idempotent replay)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__("replayed")
+        self.response = response
+
+
+async def read_photos(
+    state: ServiceState,
+    photos: list[UploadFile],
+    crop: tuple[int, float] | None = None,
+    before_embed: Callable[[list[bytes]], None] | None = None,
+):
+    """Read, bound and embed an upload's photos (see :func:`_embed`): ``(identity, chips, re-encoded photos,
+    training crops, file names)``; 422 naming ``photos`` when there are too many or none has a usable face, 429 when
+    too many uploads are in progress. ``before_embed(datas)`` sees the raw bytes before any face work (it may raise
+    :class:`Replayed`)."""
+    s = state.settings
+    if len(photos) > s.max_photos:
+        msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
+        raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])
+    if state.uploads >= s.max_pending_uploads:  # decoded photos are large: bound the uploads held at once
+        msg = f"{state.uploads} photo uploads are already being processed; retry shortly"
+        raise ApiError(429, "queue_full", msg, headers={"Retry-After": "2"})
+    if state.face_limiter is None:
+        state.face_limiter = anyio.CapacityLimiter(s.face_workers)
+    state.uploads += 1
+    try:
+        t0 = time.perf_counter()
+        datas = [await f.read() for f in photos]
+        filenames = [_clean_name(f.filename) for f in photos]
+        if before_embed is not None:
+            before_embed(datas)
+        ident, chips, clean, crops = await anyio.to_thread.run_sync(
+            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], crop, limiter=state.face_limiter
+        )
+        del datas  # the client's bytes are never stored
+    finally:
+        state.uploads -= 1
+    state.metrics.face_seconds.observe(time.perf_counter() - t0)
+    if not ident.inliers:
+        raise ApiError(
+            422, "no_usable_face", "none of the photos gave a usable face",
+            details=_photo_rows(ident, chips, None, filenames),
+        )  # fmt: skip
+    return ident, chips, clean, crops, filenames
+
+
+def identity_info(state: ServiceState, ident, rows: list[dict], adapter, made_by: str, seconds: dict) -> dict:
+    """The stored description of an identity (what GET returns)."""
+    spec = adapter.spec
+    return {
+        "photos": rows,
+        "consistency": round(float(ident.consistency), 4),
+        "consistent": bool(ident.consistent),
+        "warnings": list(ident.warnings),
+        "face_backend": ident.backend,
+        "adapter": {
+            "method": spec.method, "rank": spec.rank, "layers": len(spec.layers), "parameters": adapter.num_params(),
+            "base_model": spec.base_model, "spec_hash": spec.hash(),
+        },
+        "predictor_trained": state.predictor_trained,
+        "predictor": state.predictor,
+        "trigger": state.recipe.trigger, "prompt": state.recipe.caption, "made_by": made_by,
+        "seconds": seconds,
+    }  # fmt: skip
+
+
 @router.post(
     "", status_code=201, response_model=IdentityPublic,
     responses={**ERRORS, 200: {"model": IdentityPublic, "description": "existing identity for this Idempotency-Key"},
@@ -204,72 +275,49 @@ async def create_identity(
     """Embed the faces, drop photos with no face or of someone else, predict the adapter (optionally refined on the
     photos) and store it. A replay with the same ``Idempotency-Key`` and the same photos, name and refine steps
     returns the identity it made (200); with another request, 409."""
-    s = state.settings
-    if len(photos) > s.max_photos:
-        msg = f"at most {s.max_photos} photos per identity, got {len(photos)}"
-        raise ApiError(422, "too_many_photos", msg, details=[{"field": "photos", "message": msg}])
+    if state.predictor == "none":
+        raise ApiError(409, "no_predictor", state.predictor_message)
     if refine_steps and not getattr(engine.predictor, "supports_refine", False):
         msg = "refine needs a hypernet over identity-basis codes; this server's predicts LoRA tokens"
         raise ApiError(422, "refine_unsupported", msg, details=[{"field": "refine_steps", "message": msg}])
-    if state.uploads >= s.max_pending_uploads:  # decoded photos are large: bound the uploads held at once
-        msg = f"{state.uploads} photo uploads are already being processed; retry shortly"
-        raise ApiError(429, "queue_full", msg, headers={"Retry-After": "2"})
-    if state.face_limiter is None:
-        state.face_limiter = anyio.CapacityLimiter(s.face_workers)
-    state.uploads += 1
-    try:
-        t0 = time.perf_counter()
-        datas = [await f.read() for f in photos]
-        filenames = [_clean_name(f.filename) for f in photos]
+    digest: str | None = None
+
+    def replay(datas: list[bytes]) -> None:
+        nonlocal digest
+        if idempotency_key is None:
+            return
         tag = f"{name}\0refine_steps={refine_steps}" if refine_steps else name  # a refined upload is another request
-        digest = upload_hash(tag, datas) if idempotency_key is not None else None
-        if digest is not None:
-            try:
-                found = state.storage.identity_for_key(tenant.name, idempotency_key, digest)
-            except ValueError:
-                raise idempotency_mismatch() from None
-            if found is not None:
-                return _replay(state, found)
-        unet = engine.pipe.unet
-        size = unet.config.sample_size * engine.pipe.vae_scale_factor if refine_steps else 0
-        ident, chips, clean, crops = await anyio.to_thread.run_sync(
-            _embed, state, datas, [f"photo[{i}]" for i in range(len(datas))], size, limiter=state.face_limiter
-        )
-        del datas  # the client's bytes are never stored
-    finally:
-        state.uploads -= 1
+        digest = upload_hash(tag, datas)
+        try:
+            found = state.storage.identity_for_key(tenant.name, idempotency_key, digest)
+        except ValueError:
+            raise idempotency_mismatch() from None
+        if found is not None:
+            raise Replayed(_replay(state, found))
+
+    t0 = time.perf_counter()
+    crop = (engine.pipe.unet.config.sample_size * engine.pipe.vae_scale_factor, _refine_padding(engine)) if (
+        refine_steps
+    ) else None  # fmt: skip
+    try:
+        ident, chips, clean, crops, filenames = await read_photos(state, photos, crop, before_embed=replay)
+    except Replayed as r:
+        return r.response
     t_faces = time.perf_counter() - t0
-    state.metrics.face_seconds.observe(t_faces)
-    if not ident.inliers:
-        raise ApiError(
-            422, "no_usable_face", "none of the photos gave a usable face",
-            details=_photo_rows(ident, chips, None, filenames),
-        )  # fmt: skip
     embs = np.stack([ident.photos[i].result.embedding for i in ident.inliers]).astype(np.float32)  # (P, E)
     t1 = time.perf_counter()
     t_refine = None
     if refine_steps:
-        res = await wait_for(submit(engine.submit_refine, embs, crops, refine_steps))
+        stacked = np.stack([crops[i] for i in ident.inliers])  # (P, S, S, 3) in inlier order
+        res = await wait_for(submit(engine.submit_refine, embs, stacked, refine_steps))
         adapter, t_refine = res.adapter, res.seconds
     else:
         adapter = await wait_for(submit(engine.submit_predict, embs))
     t_pred = time.perf_counter() - t1 - (t_refine or 0.0)
     identity_id = new_id("idt")
     rows = _photo_rows(ident, chips, identity_id, filenames)
-    spec = adapter.spec
-    info = {
-        "photos": rows,
-        "consistency": round(float(ident.consistency), 4),
-        "consistent": bool(ident.consistent),
-        "warnings": list(ident.warnings),
-        "face_backend": ident.backend,
-        "adapter": {
-            "method": spec.method, "rank": spec.rank, "layers": len(spec.layers), "parameters": adapter.num_params(),
-            "base_model": spec.base_model, "spec_hash": spec.hash(),
-        },
-        "predictor_trained": state.predictor_trained,
-        "seconds": {"faces": round(t_faces, 4), "predict": round(t_pred, 4)},
-    }  # fmt: skip
+    secs = {"faces": round(t_faces, 4), "predict": round(t_pred, 4)}
+    info = identity_info(state, ident, rows, adapter, "prediction", secs)
     if t_refine is not None:
         info["seconds"]["refine"] = round(t_refine, 4)
         info["refine_steps"] = refine_steps
@@ -282,8 +330,17 @@ async def create_identity(
         raise idempotency_mismatch() from None
     if not created:
         return _replay(state, stored)
+
     engine.cache_put(identity_id, adapter.to(engine.device))
     return _public(rec)
+
+
+def _refine_padding(engine) -> float:
+    """The crop padding of the photos the predictor's codes were fitted on (refine crops the same way)."""
+    return float(getattr(engine.predictor, "recipe", {}).get("crop_padding", 0.3))
+
+
+_MESSAGES = {"untrained": "predicted by an untrained hypernetwork (development): this adapter does nothing"}
 
 
 def _public(rec: IdentityRecord) -> IdentityPublic:
@@ -296,6 +353,10 @@ def _public(rec: IdentityRecord) -> IdentityPublic:
         photos_rejected=len(photos) - used, consistency=info["consistency"], consistent=info["consistent"],
         warnings=info["warnings"], face_backend=info["face_backend"], adapter=info["adapter"],
         predictor_trained=info["predictor_trained"], seconds=info.get("seconds", {}),
+        trigger=info.get("trigger", ""), prompt=info.get("prompt", ""), made_by=info.get("made_by", "prediction"),
+        predictor=info.get("predictor", "trained" if info["predictor_trained"] else "untrained"),
+        message=_MESSAGES.get(info.get("predictor", "")) if info.get("made_by") != "fine-tune" else None,
+        downloads={f: f"/v1/identities/{rec.id}/adapter?format={f}" for f in EXPORT_FORMATS},
     )  # fmt: skip
 
 
@@ -338,28 +399,21 @@ async def get_face(
     return FileResponse(path, media_type="image/png")
 
 
-def _export(state: ServiceState, identity_id: str, fmt: str) -> tuple[bytes, str, str]:
+def _export(state: ServiceState, rec: IdentityRecord, fmt: str) -> tuple[bytes, str, str]:
+    """The identity's adapter as ``fmt`` with its title, trigger phrase and training metadata (docs/exports.md)."""
     from weights.formats.native import load_native
     from weights.io import save_adapter
 
-    path = state.storage.adapter_path(identity_id)
-    if fmt == "native":
-        return path.read_bytes(), "application/octet-stream", "safetensors"
-    adapter = load_native(path)
+    adapter = load_native(state.storage.adapter_path(rec.id))
+    how = f"difflora {rec.info.get('made_by', 'prediction')} ({state.base_model})"
+    info = state.export_info(rec.name or rec.id, rec.num_embeddings or None, how)
     staged = state.storage.staging_dir()
     try:
-        if fmt == "diffusers":
-            save_adapter(adapter, staged / "pytorch_lora_weights.safetensors", "diffusers")
-            return (
-                (staged / "pytorch_lora_weights.safetensors").read_bytes(),
-                "application/octet-stream",
-                "safetensors",
-            )
-        if fmt == "kohya":
-            save_adapter(adapter, staged / "k.safetensors", "kohya", arch=state.kohya_arch,
-                         layers_per_block=state.layers_per_block)  # fmt: skip
-            return (staged / "k.safetensors").read_bytes(), "application/octet-stream", "safetensors"
-        save_adapter(adapter, staged / "peft", "peft")
+        if fmt in ("native", "diffusers", "kohya"):
+            kw = {"arch": state.kohya_arch, "layers_per_block": state.layers_per_block} if fmt == "kohya" else {}
+            save_adapter(adapter, staged / "a.safetensors", fmt, info=info, **kw)
+            return (staged / "a.safetensors").read_bytes(), "application/octet-stream", "safetensors"
+        save_adapter(adapter, staged / "peft", "peft", info=info)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
             for f in sorted((staged / "peft").iterdir()):
@@ -378,11 +432,14 @@ async def download_adapter(
     identity_id: str,
     state: StateDep,
     tenant: TenantDep,
-    format: Annotated[Literal["diffusers", "kohya", "peft", "native"], Query(description="file format")] = "diffusers",
+    format: Annotated[ExportFormat, Query(description="file format (docs/exports.md says which tool wants which)")] = (
+        "diffusers"
+    ),
 ) -> Response:
-    """The predicted adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (A1111/ComfyUI), peft (a zip
-    with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method)."""
-    _get(state, identity_id, tenant)
-    data, media, ext = await anyio.to_thread.run_sync(_export, state, identity_id, format)
+    """The adapter as a file: diffusers (``pipe.load_lora_weights``), kohya (ComfyUI, AUTOMATIC1111/Forge), peft (a
+    zip with ``adapter_config.json`` + ``adapter_model.safetensors``) or native (lossless, any method). Every file
+    carries the trigger phrase and the kohya ``ss_*`` / SAI ``modelspec.*`` metadata (docs/exports.md)."""
+    rec = _get(state, identity_id, tenant)
+    data, media, ext = await anyio.to_thread.run_sync(_export, state, rec, format)
     fname = f"{identity_id}-{format}.{ext}"
     return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{fname}"'})

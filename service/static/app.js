@@ -46,7 +46,13 @@ async function refreshStatus() {
     const b = await r.json();
     $("status").textContent = r.ok ? "ready" : (b.error ? b.error.message : "not ready");
     $("status").className = "pill " + (r.ok ? "ready" : "bad");
-    if (r.ok && b.details && !b.details.predictor_trained) $("status").textContent = "ready (untrained hypernet)";
+    const d = b.details || {};
+    if (r.ok && d.predictor === "untrained") $("status").textContent = "ready (untrained hypernet)";
+    if (r.ok && d.predictor === "none") {  // no hypernet for this base: identities are made by fine-tuning
+      $("status").textContent = "ready (no hypernet: fine-tuning)";
+      $("status").title = d.predictor_message || "";
+      $("finetune").checked = true; $("finetune").disabled = true;
+    }
     if (!r.ok) setTimeout(refreshStatus, 1000);
   } catch (e) { $("status").textContent = "offline"; $("status").className = "pill bad"; }
 }
@@ -60,10 +66,8 @@ $("create").addEventListener("click", async () => {
   for (const f of files) form.append("photos", f, f.name);
   if ($("name").value) form.append("name", $("name").value);
   try {
-    const idt = await api("/v1/identities", { method: "POST", body: form });
-    identityId = idt.id;
-    info.textContent = `identity ${idt.id}: ${idt.photos_used} photo(s) used, ${idt.photos_rejected} rejected, ` +
-      `consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s`;
+    const idt = $("finetune").checked ? await finetune(form, info) : await api("/v1/identities", { method: "POST", body: form });
+    showIdentity(idt);
     for (const p of idt.photos) {
       const src = p.face_url ? await imageUrl(p.face_url) : null;
       const why = p.accepted ? "accepted" : `${p.code}: ${p.reason || ""}`;
@@ -75,6 +79,84 @@ $("create").addEventListener("click", async () => {
       if (p.index !== undefined) $("faces").append(figure(null, `${p.filename}: ${p.code} ${p.reason || ""}`, true));
     }
   }
+});
+
+async function finetune(form, info) {  // POST /v1/finetunes, then poll the job until it made the identity
+  if ($("finetune-steps").value) form.append("steps", $("finetune-steps").value);
+  const bar = $("finetune-progress");
+  bar.hidden = false; bar.value = 0;
+  let job = await api("/v1/finetunes", { method: "POST", body: form });
+  while (job.status === "queued" || job.status === "running") {
+    bar.value = job.progress;
+    info.textContent = `fine-tuning (${job.start}): ${job.status}, step ${job.step}/${job.steps}` +
+      (job.loss != null ? `, loss ${job.loss.toFixed(4)}` : "");
+    await new Promise((res) => setTimeout(res, 300));
+    job = await api(`/v1/finetunes/${job.id}`);
+  }
+  bar.value = job.progress;
+  if (job.status !== "succeeded") throw Object.assign(new Error(job.error || job.status), { code: job.status });
+  return api(job.identity_url);
+}
+
+function showIdentity(idt) {
+  identityId = idt.id;
+  $("identity-info").textContent = `identity ${idt.id} (${idt.made_by}): ${idt.photos_used} photo(s) used, ` +
+    `${idt.photos_rejected} rejected, consistency ${idt.consistency.toFixed(3)}, ${idt.seconds.total.toFixed(2)} s` +
+    (idt.trigger ? ` — prompt with "${idt.trigger}"` : "") + (idt.message ? ` (${idt.message})` : "");
+  if (idt.prompt) { $("prompt").value = idt.prompt; $("compare-prompt").value = idt.prompt; }
+  $("downloads").hidden = false;
+}
+
+// adapter downloads: fetched with the key header, saved through a blob URL
+for (const b of document.querySelectorAll("button.download")) {
+  b.addEventListener("click", async () => {
+    const info = $("download-info");
+    info.className = "info";
+    if (!identityId) { info.textContent = "create an identity first"; return; }
+    try {
+      const blob = await api(`/v1/identities/${identityId}/adapter?format=${b.dataset.format}`);
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(blob);
+      a.download = `${identityId}-${b.dataset.format}.${b.dataset.format === "peft" ? "zip" : "safetensors"}`;
+      document.body.append(a); a.click(); a.remove();
+      info.textContent = `${b.dataset.format}: ${(blob.size / 1024).toFixed(1)} KiB`;
+    } catch (e) { showError(info, e); }
+  });
+}
+
+$("compare-scale").addEventListener("input", () => {
+  $("compare-scale-value").textContent = Number($("compare-scale").value).toFixed(1);
+});
+
+function cell(child) { const td = document.createElement("td"); td.append(child); return td; }
+function pic(png, alt) { const i = document.createElement("img"); i.src = `data:image/png;base64,${png}`; i.alt = alt; return i; }
+
+$("compare").addEventListener("click", async () => {
+  const info = $("compare-info");
+  info.className = "info";
+  if (!identityId) { info.textContent = "create an identity first"; return; }
+  const n = Math.min(4, Math.max(1, num("compare-seeds") || 1));
+  const scale = Number($("compare-scale").value);
+  const base = { prompt: $("compare-prompt").value, seed: num("compare-seed") ?? 0, num_images: n };
+  const json = { "Content-Type": "application/json", Accept: "application/json" };
+  info.textContent = `generating ${n} seed(s) with the base model and at scale ${scale.toFixed(1)}…`;
+  try {
+    const [b, p] = await Promise.all([
+      api("/v1/generations", { method: "POST", body: JSON.stringify(base), headers: json }),
+      api("/v1/generations", { method: "POST", headers: json,
+        body: JSON.stringify({ ...base, identity_id: identityId, adapter_scale: scale }) }),
+    ]);
+    $("compare-head").textContent = `personalized (scale ${scale.toFixed(1)})`;
+    $("compare-rows").replaceChildren(...b.images.map((im, i) => {
+      const tr = document.createElement("tr");
+      tr.append(cell(document.createTextNode(String(im.seed))), cell(pic(im.png_base64, `base, seed ${im.seed}`)),
+        cell(pic(p.images[i].png_base64, `personalized, seed ${im.seed}`)));
+      return tr;
+    }));
+    $("compare-table").hidden = false;
+    info.textContent = `seeds ${b.images.map((im) => im.seed).join(", ")}: base ${b.seconds.total.toFixed(2)} s, ` +
+      `personalized ${p.seconds.total.toFixed(2)} s`;
+  } catch (e) { showError(info, e); }
 });
 
 function num(id) { const v = $(id).value; return v === "" ? undefined : Number(v); }

@@ -14,7 +14,7 @@ from hypernet.predict import Predictor
 from pipeline_data.models import load_pipeline
 from pipeline_data.recipe import BuildConfig
 from tests.utils.faces import FACES, needs_faces
-from weights.io import load_any
+from weights.io import export_info, load_any
 
 OBAMA = sorted(str(p) for p in (FACES / "photos").glob("obama*.jpg"))[:3]
 pytestmark = needs_faces  # every test reads the photos (or the dataset built from them)
@@ -38,6 +38,19 @@ def test_predict_writes_a_loadable_adapter(checkpoint: Path, tmp_path: Path, fmt
     assert "from 3 photos" in capsys.readouterr().out
     a = load_any(out)
     assert a.spec.layers and all(torch.isfinite(t).all() for t in a.tensors.values())
+    info = export_info(out)  # the file says how to prompt it (the recipe's trigger) and what it was made from
+    assert (info.trigger, info.caption, info.num_images) == ("sks person", "a photo of sks person", 3)
+
+
+def test_predict_title_and_trigger(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "me.safetensors"
+    argv = [*OBAMA[:1], "--out", str(out), "--checkpoint", str(checkpoint), "--steps", "2", "--format", "kohya"]
+    assert predict_main([*argv, "--title", "Barack", "--trigger", "ohwx man"]) == 0, capsys.readouterr().err
+    assert (export_info(out).title, export_info(out).trigger) == ("Barack", "ohwx man")
+    capsys.readouterr()
+    assert predict_main([*argv, "--title", "x" * 201]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--title must be printable text of at most 200 characters" in err
 
 
 def test_predict_bad_input_is_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -52,3 +52,32 @@ def test_a_failing_identity_does_not_poison_the_next_one() -> None:
     assert after_failure.adapter.tensors.keys() == fresh.adapter.tensors.keys()
     for k, t in fresh.adapter.tensors.items():
         torch.testing.assert_close(after_failure.adapter.tensors[k], t)
+
+
+def test_init_and_on_step() -> None:
+    """``init`` starts from a given adapter (a prediction), ``on_step`` sees every step and can stop the training
+    (the UNet is left as it was)."""
+    pipe = tiny_sd15_pipe()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    crops = np.random.default_rng(1).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = BuildConfig(targets=ATTN_TARGETS, steps=2, batch_size=2, lr=1e-2)
+    seen: list[tuple[int, float]] = []
+    first = train_identity(pipe, crops, cfg, base_model="tiny", on_step=lambda s, loss: seen.append((s, loss)))
+    assert [s for s, _ in seen] == [0, 1] and [x for _, x in seen] == first.losses and all(np.isfinite(first.losses))
+    # started from the first run's adapter, a step at a vanishing learning rate stays where that one ended
+    again = train_identity(pipe, crops, BuildConfig(targets=ATTN_TARGETS, steps=1, batch_size=2, lr=1e-9),
+                           base_model="tiny", init=first.adapter)  # fmt: skip
+    for k, t in first.adapter.tensors.items():
+        torch.testing.assert_close(again.adapter.tensors[k], t, atol=1e-6, rtol=1e-4)  # lr ~0: it stays at init
+
+    def stop(step: int, loss: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_identity(pipe, crops, cfg, base_model="tiny", on_step=stop)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(ValueError, match="the initial adapter is lora rank 4, the recipe trains lora rank 2"):
+        train_identity(
+            pipe, crops, BuildConfig(targets=ATTN_TARGETS, rank=2, steps=1), base_model="t", init=first.adapter
+        )

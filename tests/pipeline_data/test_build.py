@@ -310,3 +310,18 @@ def test_the_shipped_recipe_replays_with_overrides(tmp_path: Path) -> None:
     assert main(argv2) == 0
     got2 = json.loads((out2 / "config.json").read_text())
     assert (got2["class_prompt"], got2["crop_padding"], got2["prior_images"]) == ("a photo of a man", 0.25, 3)
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_data_check_shows_a_progress_bar(tiny_dataset: Path, tmp_path: Path, capsys, no_progress: bool) -> None:
+    import shutil
+
+    from pipeline_data.cli import main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)  # the check writes its figures into the records: not into the shared one
+    argv = ["check", str(ds), "--seeds", "1"] + (["--no-progress"] if no_progress else [])
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert "identity check on 3 identities" in cap.out
+    assert ("identity check: 100%" in cap.err and "4/4 [" in cap.err) != no_progress  # base model + 3 adapters

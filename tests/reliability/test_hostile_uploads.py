@@ -53,6 +53,9 @@ def test_hostile_upload(rel_app, case: Case):
     assert ready.status_code == 200, ready.text
 
 
+FINETUNE_FILES = re.compile(r"^(job\.json|status\.json|embeddings\.npy|(crop|face)-\d+\.png|photo-\d+\.jpg)$")
+
+
 @needs_faces
 def test_stored_files_never_use_client_names(rel_app):
     """After the corpus ran: every file under data_dir has a server-generated name (ids, face-<k>, photo-<k>)."""
@@ -63,9 +66,12 @@ def test_stored_files_never_use_client_names(rel_app):
         rel = path.relative_to(data)
         assert path.resolve().is_relative_to(data), rel
         if path.is_dir():
-            assert rel.parts[0] in ("identities", "results", "tmp", "replicas"), rel
-            if rel.parts[0] == "identities" and len(rel.parts) == 2:
-                assert re.fullmatch(r"idt_[0-9a-f]{24}", rel.parts[1]), rel
+            assert rel.parts[0] in ("identities", "results", "tmp", "replicas", "finetunes"), rel
+            if rel.parts[0] in ("identities", "finetunes") and len(rel.parts) == 2:
+                assert re.fullmatch(r"(idt|ftj)_[0-9a-f]{24}", rel.parts[1]), rel
+            continue
+        if rel.parts[0] == "finetunes":  # fine-tune jobs (service/finetune.py)
+            assert FINETUNE_FILES.match(path.name), rel
             continue
         if rel.parts[0] == "replicas":
             assert len(rel.parts) == 2 and REPLICA_LOCK.match(path.name), rel

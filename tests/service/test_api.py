@@ -124,7 +124,9 @@ def test_errors(client, method, path, kw, status, code):
 
 
 def test_adapter_format_is_validated(client, identity):
-    _err(client.get(f"/v1/identities/{identity['id']}/adapter", params={"format": "ckpt"}), 422, "invalid_request")
+    r = client.get(f"/v1/identities/{identity['id']}/adapter", params={"format": "ckpt"})
+    _err(r, 422, "invalid_request")
+    assert r.json()["error"]["details"][0]["field"] == "query.format"
 
 
 def test_generate_png_is_deterministic_and_json_returns_seeds(client, identity):
@@ -155,7 +157,7 @@ def test_adapter_scale_zero_is_the_base_model(client, identity):
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft", "native"])
 def test_adapter_download(client, identity, fmt, tmp_path):
-    from weights.io import load_any
+    from weights.io import export_info, load_any
 
     r = client.get(f"/v1/identities/{identity['id']}/adapter", params={"format": fmt})
     assert r.status_code == 200 and identity["id"] in r.headers["content-disposition"]
@@ -169,6 +171,10 @@ def test_adapter_download(client, identity, fmt, tmp_path):
         path.write_bytes(r.content)
     adapter = load_any(path)
     assert len(adapter.spec.layers) == identity["adapter"]["layers"]
+    info = export_info(path)  # the file tells LoRA tools how to prompt it
+    assert identity["trigger"] == info.trigger == "sks person" and identity["prompt"] == "a photo of sks person"
+    assert info.title == "obama" and info.num_images == identity["photos_used"] and info.arch == "sd15"
+    assert identity["downloads"][fmt] == f"/v1/identities/{identity['id']}/adapter?format={fmt}"
 
 
 def test_jobs_idempotency_and_results(client, identity):

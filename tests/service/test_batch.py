@@ -38,10 +38,13 @@ def test_batch_offline(tiny_world, tmp_path, capsys):
         assert files == ["000-0.png", "000-1.png", "001-0.png", "001-1.png", "adapter.safetensors", "identity.json",
                          "pytorch_lora_weights.safetensors"]  # fmt: skip
         assert Image.open(out / name / "000-1.png").size == (64, 64)
-    assert "2 identities done, 1 failed: blank" in capsys.readouterr().err
-    # re-run: finished identities are skipped, the failed one is tried again
-    assert main(_args(tiny_world, faces, prompts, out)) == 1
-    assert "(2 done already)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 identities done, 1 failed: blank" in err
+    assert "batch: 100%" in err and "6/6 [" in err  # the tqdm bar over identities x prompts
+    # re-run: finished identities are skipped, the failed one is tried again (no bar with --no-progress)
+    assert main([*_args(tiny_world, faces, prompts, out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "(2 done already)" in err and "2/2 [" not in err and "batch: " not in err.replace("difflora batch: ", "")
 
 
 @needs_faces

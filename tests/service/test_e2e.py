@@ -196,6 +196,43 @@ def test_web_page_in_chromium(served, tmp_path):
             page.click("#create")
             page.wait_for_function("document.querySelectorAll('#faces figure img').length >= 3", timeout=120_000)
             assert "identity idt_" in page.inner_text("#identity-info")
+            assert 'prompt with "sks person"' in page.inner_text("#identity-info")
+            # every format downloads from the page; the kohya file carries the trigger phrase
+            from weights.io import export_info
+
+            for fmt in ("kohya", "diffusers", "peft", "native"):
+                with page.expect_download() as dl:
+                    page.click(f"button.download[data-format={fmt}]")
+                saved = tmp_path / dl.value.suggested_filename
+                dl.value.save_as(saved)
+                assert saved.stat().st_size > 1000 and saved.name.endswith("zip" if fmt == "peft" else "safetensors")
+                if fmt == "kohya":
+                    assert export_info(saved).trigger == "sks person"
+            # base model and personalized model side by side, same seeds, at the scale the slider says
+            rows = "document.querySelectorAll('#compare-rows tr').length"
+
+            def compare(scale: str) -> list[list[str]]:
+                page.evaluate(
+                    "() => { const r = document.querySelector('#compare-rows'); if (r) r.replaceChildren(); }"
+                )
+                page.eval_on_selector("#compare-scale", f"(el) => {{ el.value = '{scale}'; "
+                                      "el.dispatchEvent(new Event('input')); }")  # fmt: skip
+                page.click("#compare")
+                page.wait_for_function(f"{rows} === 2", timeout=120_000)
+                return page.eval_on_selector_all(
+                    "#compare-rows tr", "trs => trs.map(tr => [...tr.querySelectorAll('td')].map("
+                    "td => td.querySelector('img') ? td.querySelector('img').src : td.textContent))",
+                )  # fmt: skip
+
+            page.fill("#compare-seed", "7")
+            page.fill("#compare-seeds", "2")
+            one = compare("1")
+            assert [r[0] for r in one] == ["7", "8"] and "scale 1.0" in page.inner_text("#compare-head")
+            assert all(r[1] != r[2] for r in one) and one[0][1] != one[1][1]  # the adapter changes each seed's image
+            zero = compare("0")
+            assert page.inner_text("#compare-scale-value") == "0.0"
+            assert all(r[1] == r[2] for r in zero)  # scale 0 is the base model: the very same PNG
+            assert [r[1] for r in zero] == [r[1] for r in one]  # same seeds, same base images
             page.fill("#seed", "42")
             page.click("#generate")
             page.wait_for_selector("#images img", timeout=120_000)
@@ -204,6 +241,13 @@ def test_web_page_in_chromium(served, tmp_path):
             page.click("#run-job")
             page.wait_for_function("document.querySelectorAll('#job-results img').length >= 2", timeout=120_000)
             assert "succeeded" in page.inner_text("#job-info")
+            # an identity made by fine-tuning (a job with a progress bar) instead of predicting it
+            page.check("#finetune")
+            page.fill("#finetune-steps", "2")
+            page.click("#create")
+            page.wait_for_function("document.querySelector('#identity-info').textContent.includes('(fine-tune)')",
+                                   timeout=120_000)  # fmt: skip
+            assert page.eval_on_selector("#finetune-progress", "p => p.value") == 1
             page.screenshot(path=str(out), full_page=True)
             assert not errors, errors
         finally:

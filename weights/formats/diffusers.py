@@ -21,6 +21,7 @@ from ..convert import BaseWeights, ConversionReport
 from ..errors import AdapterFileError
 from ..safetensors_io import read_safetensors, write_safetensors
 from ._lora import build_lora_adapter, export_lora, floats_only
+from .metadata import ExportInfo, for_adapter, training_metadata, with_hashes
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
@@ -44,11 +45,13 @@ def to_diffusers(
     rank: int | None = None,
     base: BaseWeights = None,
     bake_scale: bool = True,
+    info: ExportInfo | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str], ConversionReport]:
     """``(state_dict, safetensors metadata, conversion report)`` in diffusers/peft layout.
 
     Non-LoRA methods are converted by truncated SVD (``rank``, ``base`` for multiplicative methods); DoRA is
-    written natively (``lora_magnitude_vector``) unless a different ``rank`` is asked for.
+    written natively (``lora_magnitude_vector``) unless a different ``rank`` is asked for. The metadata also
+    carries the ``ss_*`` / ``modelspec.*`` keys of ``info`` (:mod:`weights.formats.metadata`).
     """
     ex = export_lora(adapter, rank, base, fmt="diffusers", bake_scale=bake_scale)
     pre = f"{prefix}." if prefix else ""
@@ -71,6 +74,8 @@ def to_diffusers(
     }
     packed = {f"{prefix}.{k}" if prefix else k: v for k, v in cfg.items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    meta |= training_metadata(for_adapter(info, adapter.spec.base_model), rank=ex.rank, alpha=ex.alpha)
+    meta = with_hashes(sd, meta)
     return sd, meta, ex.report
 
 

@@ -11,10 +11,10 @@ Non-LoRA methods (DoRA included: diffusers drops kohya ``dora_scale``) go throug
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -24,10 +24,8 @@ from ..convert import BaseWeights, ConversionReport
 from ..errors import AdapterFileError
 from ..safetensors_io import read_safetensors, write_safetensors
 from ._lora import build_lora_adapter, export_lora, floats_only
+from .metadata import ARCHS, ExportInfo, for_adapter, training_metadata, with_hashes
 
-ARCHS = ("sd15", "sdxl")
-_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 _RESNET_TO_SGM = {
     "conv1": "in_layers.2",
     "norm1": "in_layers.0",
@@ -135,8 +133,10 @@ def to_kohya(
     rank: int | None = None,
     base: BaseWeights = None,
     title: str = "",
+    info: ExportInfo | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str], ConversionReport]:
-    """``(state_dict, metadata, report)`` in kohya layout for ``arch`` "sd15" or "sdxl"."""
+    """``(state_dict, metadata, report)`` in kohya layout for ``arch`` "sd15" or "sdxl"; the metadata carries the
+    ``ss_*`` / ``modelspec.*`` keys of ``info`` (:mod:`weights.formats.metadata`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     if adapter.spec.component != "unet":
@@ -149,23 +149,9 @@ def to_kohya(
         sd[f"{k}.lora_down.weight"] = lay.down
         sd[f"{k}.lora_up.weight"] = lay.up
         sd[f"{k}.alpha"] = torch.tensor(ex.alpha, dtype=lay.down.dtype)
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ex.rank),
-        "ss_network_alpha": str(ex.alpha),
-        "ss_network_args": "{}",
-        "ss_base_model_version": _BASE_VERSION[arch],
-        "ss_v2": "False",
-        "ss_sd_model_name": adapter.spec.base_model,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _MODELSPEC_ARCH[arch],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if arch == "sdxl"
-        else "diffusers",
-        "modelspec.title": title or f"difflora {adapter.spec.method} r{ex.rank}",
-        "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
-        "modelspec.date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    info = for_adapter(info, adapter.spec.base_model)
+    info = replace(info, arch=arch, title=title or info.title)
+    meta = with_hashes(sd, training_metadata(info, rank=ex.rank, alpha=ex.alpha))
     return sd, meta, ex.report
 
 

@@ -19,6 +19,7 @@ from ..errors import AdapterFileError
 from ..safetensors_io import read_safetensors, write_safetensors
 from ._lora import build_lora_adapter, export_lora, floats_only
 from .diffusers import group_lora_keys
+from .metadata import ExportInfo, for_adapter, training_metadata, with_hashes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,9 +50,15 @@ def peft_config_dict(rank: int, alpha: float, targets: list[str], dora: bool, ba
 
 
 def save_peft(
-    adapter: Adapter, folder: str | os.PathLike, *, rank: int | None = None, base: BaseWeights = None
+    adapter: Adapter,
+    folder: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    base: BaseWeights = None,
+    info: ExportInfo | None = None,
 ) -> ConversionReport:
-    """Write a peft adapter folder (each file atomically). Non-LoRA methods go through the SVD conversion."""
+    """Write a peft adapter folder (each file atomically). Non-LoRA methods go through the SVD conversion; the
+    weights file's metadata carries the ``ss_*`` / ``modelspec.*`` keys of ``info``."""
     ex = export_lora(adapter, rank, base, fmt="peft", bake_scale=False)
     sd = {}
     for lay in ex.layers:
@@ -64,7 +71,8 @@ def save_peft(
     d = Path(folder)
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a folder")
-    write_safetensors(d / WEIGHTS_NAME, sd, {"format": "pt"})
+    meta = training_metadata(for_adapter(info, adapter.spec.base_model), rank=ex.rank, alpha=ex.alpha)
+    write_safetensors(d / WEIGHTS_NAME, sd, with_hashes(sd, {"format": "pt", **meta}))
     atomic_write_bytes(d / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return ex.report
 
