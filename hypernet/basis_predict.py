@@ -101,10 +101,10 @@ class BasisPredictor(Predictor):
             )
         self.hypernet, self.basis, self.spec = hypernet, basis, basis.spec
         self.layout, self.template = None, None  # the LoRA family's token layout: the basis replaces both
-        tc = hypernet.config.train
-        self.steps = tc.sample_steps if steps is None else steps
-        self.cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
-        self.samples = tc.sample_count if samples is None else samples
+        sc = hypernet.config.sampling  # defaults: the checkpoint's sampling.json
+        self.steps = sc.steps if steps is None else steps
+        self.cfg_scale = sc.cfg_scale if cfg_scale is None else cfg_scale
+        self.samples = sc.samples if samples is None else samples
         self.face_backend, self.trained, self.base = face_backend, trained, base
         self.recipe = _refine_recipe(recipe or {})
 

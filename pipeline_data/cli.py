@@ -19,7 +19,7 @@ def _targets(s: str | list) -> list[str]:
 
 BASIS_LR = 5e-2  # default --lr of --method basis (a code from zero; the probes' 0.05), unless the recipe names one
 # data build options that are BuildConfig fields (flag --x-y is field x_y); the rest are inputs/outputs of the run
-_RUN_OPTIONS = ("faces", "out", "limit", "ray_address", "summary", "recipe")
+_RUN_OPTIONS = ("faces", "out", "limit", "ray_address", "summary", "recipe", "no_progress")  # not recipe fields
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=positive_int, default=None, help="generations per adapter")
     c.add_argument("--summary", default=None, help="also write the summary JSON here")
     for sp in (b, c):
-        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
     return p
 
 
@@ -192,7 +192,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
     try:
         return BuildConfig(**fields_)
     except TypeError as e:  # a recipe value of the wrong type
-        raise ValueError(f"--recipe {args.recipe}: {e}") from None
+        raise ValueError(f"--recipe {getattr(args, 'recipe', None)}: {e}") from None
 
 
 def _basis_main(args: argparse.Namespace) -> int:

@@ -165,8 +165,8 @@ def test_no_source_module_calls_an_unpickler():
 
 
 def test_no_operation_takes_a_weights_file(rel_app):
-    """The only file upload of the API is ``photos`` on ``POST /v1/identities`` (images); nothing accepts weights, and
-    (see test_security) no field is a server path or URL."""
+    """The only file uploads of the API are ``photos`` on ``POST /v1/identities`` and ``POST /v1/finetunes`` (images,
+    through the same decoder); nothing accepts weights, and (see test_security) no field is a server path or URL."""
     spec = rel_app[0].get("/openapi.json", headers=AUTH).json()
     comps = spec.get("components", {}).get("schemas", {})
     uploads = []
@@ -181,4 +181,4 @@ def test_no_operation_takes_a_weights_file(rel_app):
                     if items.get("format") == "binary" or items.get("contentMediaType") == "application/octet-stream":
                         uploads.append((method.upper(), path, prop))
                 assert ctype in ("application/json", "multipart/form-data"), (method, path, ctype)
-    assert uploads == [("POST", "/v1/identities", "photos")], uploads
+    assert sorted(uploads) == [("POST", "/v1/finetunes", "photos"), ("POST", "/v1/identities", "photos")], uploads

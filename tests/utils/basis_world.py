@@ -12,7 +12,7 @@ K = 8  # code size: tokens (2, 4)
 # a tiny DiT and a few steps: the tests check the plumbing, not the quality
 HYPERNET_SETTINGS = [
     "denoiser.hidden=32", "denoiser.depth=1", "denoiser.heads=2", "train.dn_steps=30", "train.batch_size=4",
-    "train.sample_steps=4", "train.eval_every=10", "train.ckpt_every=10", "train.warmup_steps=2", "train.dn_lr=3e-3",
+    "sampling.steps=4", "train.eval_every=10", "train.ckpt_every=10", "train.warmup_steps=2", "train.dn_lr=3e-3",
 ]  # fmt: skip
 MAX_PHOTOS = 5  # photos read per person (fewer faces to detect; every person keeps one held out)
 FIT = {"steps": 6, "batch_size": 4, "lr": 5e-2}  # the codes' fit (and refine's learning rate and batch)
