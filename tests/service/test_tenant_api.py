@@ -70,7 +70,12 @@ def alices(app) -> dict:
     job = r.json()["id"]
     r = app.post("/v1/finetunes", files=photo_files(OBAMA[:2]), data={"steps": "1"}, headers=h("alice"))
     assert r.status_code == 202, r.text
-    return {"idt": idt, "job": job, "ftj": r.json()["id"]}
+    ftj, t0 = r.json()["id"], time.monotonic()
+    while (ft := app.get(f"/v1/finetunes/{ftj}", headers=h("alice")).json())["status"] in ("queued", "running"):
+        assert time.monotonic() - t0 < 120, ft
+        time.sleep(0.1)
+    assert ft["status"] == "succeeded", ft  # the identity it made is alice's too
+    return {"idt": idt, "job": job, "ftj": ftj, "ft_idt": ft["identity_id"]}
 
 
 # (method, path, JSON body) with {idt} / {job} for the owner's ids
@@ -135,7 +140,8 @@ def test_lists_page_per_tenant_and_the_admin_sees_all(app, alices):
     everyone = app.get("/v1/identities", params={"limit": 100}, headers=h("ops")).json()["items"]
     assert {alices["idt"], *bobs} <= {i["id"] for i in everyone}
     assert {i["tenant"] for i in everyone} >= {"alice", "bob"}
-    assert [i["id"] for i in app.get("/v1/identities", headers=h("alice")).json()["items"]] == [alices["idt"]]
+    mine = [i["id"] for i in app.get("/v1/identities", headers=h("alice")).json()["items"]]
+    assert mine == [alices["idt"], alices["ft_idt"]]  # hers, and the one her fine-tune made
     assert app.get("/v1/jobs", headers=h("bob")).json() == {"items": [], "next_cursor": None}
     jobs = app.get("/v1/jobs", headers=h("alice")).json()["items"]
     assert [j["id"] for j in jobs] == [alices["job"]]
