@@ -8,6 +8,7 @@ client names.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,8 @@ from tests.utils.faces import needs_faces
 STORED = re.compile(r"^(adapter\.safetensors|face-\d+\.png|photo-\d+\.(jpg|png|webp|img)|\d{5}-\d+\.png)$")
 DATA_FILES = re.compile(r"^difflora\.sqlite3(-wal|-shm|-journal|\.migrate\.lock)?$")
 REPLICA_LOCK = re.compile(r"^[A-Za-z0-9.-]+-\d+-[0-9a-f]{6}\.lock$")  # replicas/<host>-<pid>-<nonce>.lock (SQLite)
-SERVER_PATH = re.compile(r"(/work/|/tmp/|/srv/|site-packages|Traceback|File \")")
+CHECKOUT = re.escape(str(Path(__file__).resolve().parents[3]))  # the folder holding this clone (and ../shared)
+SERVER_PATH = re.compile(rf"({CHECKOUT}/|/tmp/|/srv/|site-packages|Traceback|File \")")
 
 
 def test_corpus_is_big_enough():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from pathlib import Path
 
 import pytest
 from starlette.routing import Mount, Route
@@ -17,7 +18,10 @@ from tests.reliability.corpus import face_jpeg
 from tests.utils.faces import require_faces
 
 PUBLIC = {"/healthz", "/readyz", "/"}  # + every file under /static/: the web page and its assets
-SERVER_PATH = re.compile(r"(/work/|/tmp/|/srv/|/home/|site-packages|Traceback|File \"|\.py\b)")
+CHECKOUT = Path(__file__).resolve().parents[2]  # this clone; error bodies must not name it (or its parent)
+SERVER_PATH = re.compile(
+    rf"({re.escape(str(CHECKOUT.parent))}/|/tmp/|/srv/|/home/|site-packages|Traceback|File \"|\.py\b)"
+)
 NO_KEY_VARIANTS = [
     {},
     {"X-API-Key": ""},
@@ -165,7 +169,7 @@ def test_forced_500_is_generic(rel_app, monkeypatch):
     svc = client.app.state.svc
 
     def boom(*a, **k):
-        raise RuntimeError(f"database is locked at {data}/difflora.sqlite3 (see /work/main/service/storage.py)")
+        raise RuntimeError(f"database is locked at {data}/difflora.sqlite3 (see {CHECKOUT}/service/storage.py)")
 
     monkeypatch.setattr(svc.storage, "get_identity", boom)
     r = client.get("/v1/identities/idt_" + "1" * 24, headers=AUTH)
