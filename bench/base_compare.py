@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline_data.adapter_train import to_pixels
 from pipeline_data.build import BuildConfig, build, discover, run_check
-from pipeline_data.check import generate, similarity_matrix, summarize
+from pipeline_data.check import gain_and_margin, generate, similarity_matrix, summarize
 from pipeline_data.models import load_pipeline
+from pipeline_data.photos import faces_dir, list_photos
 from pipeline_data.splits import split_of
 from pipeline_data.tiny.crops import aligned_crop
 from weights.safetensors_io import atomic_write_bytes
@@ -44,10 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "assets" / "tiny" / "hypernet" / "dataset_recipe.json"
 CAPTION = "a photo of a person"
 CHECK_SEEDS = list(range(8))
-
-
-def faces_root() -> Path:
-    return Path(os.environ.get("DIFFLORA_FACES") or REPO.parent / "shared" / "data" / "faces")
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,7 +84,7 @@ class Photos:
 
     def _load(self, src) -> list[tuple[np.ndarray, object]]:
         out = []
-        for p in sorted(Path(src.path).iterdir())[:12]:
+        for p in list_photos(src.path)[:12]:
             try:
                 rgb = self.encoder.load_rgb(str(p))
                 out.append((rgb, self.encoder.embed(rgb).face))
@@ -101,8 +99,7 @@ class Photos:
 @torch.no_grad()
 def vae_reconstruct(pipe, crops: np.ndarray) -> np.ndarray:
     """(N, S, S, 3) uint8 decoded posterior means of the crops."""
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    z = pipe.vae.encode(x).latent_dist.mean
+    z = pipe.vae.encode(to_pixels(crops)).latent_dist.mean
     rec = pipe.vae.decode(z).sample.clamp(-1, 1)
     return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
@@ -121,10 +118,8 @@ def ceiling(encoder, base_emb: np.ndarray, own: dict[str, np.ndarray], held: dic
     """Identity gain and margin of ``own[j]`` (generator embeddings) against ``held[j]``, base as reference."""
     ids = list(held)
     S = similarity_matrix(encoder, {"__base__": base_emb, **{i: own[i] for i in ids}}, held)
-    base, mat = S[0], S[1:]
-    diag = np.diag(mat)
-    others = (mat.sum(axis=0) - diag) / (len(ids) - 1)
-    return {"identity_gain": summarize(diag - base), "identity_margin": summarize(diag - others)}
+    gain, margin, _ = gain_and_margin(S)
+    return {"identity_gain": summarize(gain), "identity_margin": summarize(margin)}
 
 
 def oracle_faces(root: Path, n: int, work: Path) -> Path:
@@ -135,7 +130,7 @@ def oracle_faces(root: Path, n: int, work: Path) -> Path:
     for src in discover([root / "lfw"]):
         if picked >= n:
             break
-        if split_of(src.dataset, src.name) != "val" or len(list(Path(src.path).iterdir())) < 4:
+        if split_of(src.dataset, src.name) != "val" or len(list_photos(src.path)) < 4:
             continue
         link = d / src.name
         if not link.exists():
@@ -199,7 +194,7 @@ def measure(name: str, model: str, photos: Photos, args, work: Path) -> dict:
     if args.oracles:
         cfg = recipe_config(model, args.threads)
         ds = work / name / "oracles"
-        summary = build([oracle_faces(faces_root(), args.oracles, work)], ds, cfg, progress=True)
+        summary = build([oracle_faces(faces_dir(), args.oracles, work)], ds, cfg, progress=True)
         check = run_check(ds, cfg, limit=args.oracles)
         recs = [json.loads(p.read_text()) for p in sorted((ds / "records").glob("*.json"))]
         train_s = [r["seconds_train"] for r in recs if r.get("status") == "ok" and "seconds_train" in r]
@@ -252,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     models = dict(m.split("=", 1) for m in args.model)
     res = json.loads(args.out.read_text()) if args.out.is_file() else {"samples": args.samples, "models": {}}
     if args.speed_only:
-        photos = Photos(get_encoder("dlib"), faces_root(), 1, 0)
+        photos = Photos(get_encoder("dlib"), faces_dir(), 1, 0)
         timed = {name: speed(path, photos, args.threads) for name, path in models.items()}
         res["speed_same_run"] = {"threads": args.threads, **timed}
         for name, t in timed.items():
             print(name, t, flush=True)
     else:
-        photos = Photos(get_encoder("dlib"), faces_root(), args.ceiling_ids, args.samples)
+        photos = Photos(get_encoder("dlib"), faces_dir(), args.ceiling_ids, args.samples)
         for name, path in models.items():
             res["models"][name] = measure(name, path, photos, args, args.work)
             print(name, json.dumps(res["models"][name])[:300], flush=True)

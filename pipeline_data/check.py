@@ -93,6 +93,15 @@ def similarity_matrix(encoder, gen: dict[str, np.ndarray], heldout: dict[str, np
     return S
 
 
+def gain_and_margin(S: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gain, margin, own similarity) per identity from ``S`` (1 + n, n): row 0 the base model, row 1 + j identity
+    j's generator, column j identity j's held-out photos (see the module docstring)."""
+    base, own = S[0], S[1:]
+    diag = np.diag(own)
+    others = (own.sum(axis=0) - diag) / (own.shape[0] - 1)
+    return diag - base, diag - others, diag
+
+
 def identity_check(
     pipe,
     encoder,
@@ -119,9 +128,7 @@ def identity_check(
     S = similarity_matrix(encoder, gens, {i: heldout[i] for i in ids})  # (1 + n, n)
     base, own = S[0], S[1:]
     n = len(ids)
-    diag = np.diag(own)
-    others = (own.sum(axis=0) - diag) / (n - 1)
-    gain, margin = diag - base, diag - others
+    gain, margin, diag = gain_and_margin(S)
     top1 = float(np.mean(np.argmax(own, axis=0) == np.arange(n)))
     per = {
         i: {"gain": float(gain[k]), "margin": float(margin[k]), "sim_own": float(diag[k]), "sim_base": float(base[k])}
