@@ -21,10 +21,8 @@ from .identities import ERRORS, _photo_rows, read_photos
 router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
 
 
-def _public(state, st: FinetuneStatus) -> FinetunePublic:
-    import json
-
-    req = json.loads((state.finetunes.root / st.id / "job.json").read_text())
+def _public(st: FinetuneStatus, req: dict) -> FinetunePublic:
+    """The job as the API shows it: its status and its request (``job.json``)."""
     return FinetunePublic(
         id=st.id, status=st.status, created=st.created, started=st.started, finished=st.finished, step=st.step,
         steps=st.steps, progress=min(1.0, st.step / st.steps) if st.status != "succeeded" else 1.0, loss=st.loss,
@@ -82,31 +80,30 @@ async def create_finetune(
     st = await anyio.to_thread.run_sync(
         runner.create, job_id, request, [crops[i] for i in ident.inliers], chips, clean, embs
     )
-    body = _public(state, st).model_dump(mode="json")
+    body = _public(st, request).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/finetunes/{st.id}"})
 
 
-def _job(state, job_id: str, tenant) -> FinetuneStatus:
-    """The fine-tune, if ``tenant`` may see it (its own, or any for an admin); else 404, as for an unknown id."""
+def _job(state, job_id: str, tenant) -> tuple[FinetuneStatus, dict]:
+    """The fine-tune's status and request (``job.json``, read once), if ``tenant`` may see it (its own, or any for an
+    admin); else 404, as for an unknown id."""
     import json
 
     st = state.finetunes.get(job_id) if state.finetunes is not None else None
-    if st is not None and tenant.scope is not None:
-        owner = json.loads((state.finetunes.root / st.id / "job.json").read_text()).get("tenant", DEFAULT_TENANT)
-        st = st if owner == tenant.scope else None
-    if st is None:
+    req = json.loads((state.finetunes.root / st.id / "job.json").read_text()) if st is not None else {}
+    if st is None or (tenant.scope is not None and req.get("tenant", DEFAULT_TENANT) != tenant.scope):
         raise ApiError(404, "not_found", f"fine-tune {job_id[:64]!r} not found")
-    return st
+    return st, req
 
 
 @router.get("/{job_id}", response_model=FinetunePublic, responses=ERRORS)
 async def get_finetune(job_id: str, state: StateDep, tenant: TenantDep) -> FinetunePublic:
     """Status, step / steps, last loss; ``identity_id`` once it succeeded."""
-    return _public(state, _job(state, job_id, tenant))
+    return _public(*_job(state, job_id, tenant))
 
 
 @router.delete("/{job_id}", response_model=FinetunePublic, responses=ERRORS)
 async def cancel_finetune(job_id: str, state: StateDep, tenant: TenantDep) -> FinetunePublic:
     """Cancel a queued or running fine-tune (a running one stops at its next step; nothing is stored)."""
-    _job(state, job_id, tenant)
-    return _public(state, await anyio.to_thread.run_sync(state.finetunes.cancel, job_id))
+    _, req = _job(state, job_id, tenant)
+    return _public(await anyio.to_thread.run_sync(state.finetunes.cancel, job_id), req)
